@@ -1,0 +1,63 @@
+# mtlcore: every target sets itself up from nothing (a Python 3.11 and a C++ compiler).
+#   make test    venv + pinned deps + build the wheel + install it + run the tests
+#   make run     same set-up, then the main job
+#   make wheel   a compiled wheel in dist/
+#   make bench   the benchmarks (results in bench/results/)
+#   make lint    ruff
+# MTLCORE_CUDA=AUTO|1|0 chooses whether the CUDA kernels are built (default: when possible).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MTLCORE_CUDA ?= AUTO
+export MTLCORE_CUDA
+
+SOURCES := $(shell find csrc python -type f -not -name '*.pyc' -not -path '*/__pycache__/*') \
+           CMakeLists.txt pyproject.toml README.md LICENSE
+DEPS_STAMP    := $(VENV)/.deps-installed
+INSTALL_STAMP := $(VENV)/.mtlcore-installed-cuda-$(MTLCORE_CUDA)
+
+.PHONY: all test run wheel bench lint clean gpu-check
+
+all: test
+
+$(DEPS_STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The wheel is built in a persistent folder (build/<wheel tag>), so an unchanged tree rebuilds
+# nothing; the tests then run against the installed wheel, as a user receives it.
+$(INSTALL_STAMP): $(DEPS_STAMP) $(SOURCES)
+	rm -f dist/mtlcore-*.whl $(VENV)/.mtlcore-installed-*
+	$(PY) -m pip wheel --quiet --no-build-isolation --no-deps -w dist .
+	$(PY) -m pip install --quiet --no-deps --force-reinstall dist/mtlcore-*.whl
+	touch $@
+
+wheel: $(INSTALL_STAMP)
+	@ls dist/mtlcore-*.whl
+
+# pytest's exit code 5 (no test collected) is a failure here: it fails the target, with a note.
+test: $(INSTALL_STAMP)
+	$(PY) -m pytest tests -q; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+run: $(INSTALL_STAMP)
+	$(PY) -m mtlcore info
+	$(PY) -m mtlcore demo
+
+bench: $(INSTALL_STAMP)
+	$(PY) bench/bench_optim.py
+
+lint: $(DEPS_STAMP)
+	$(PY) -m ruff check python tests bench
+	$(PY) -m ruff format --check python tests bench
+
+# On a CUDA machine with torch already installed (no downloads): build in place, run the CUDA
+# tests and benchmarks, write results under $$OUT (default bench/results).
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build dist $(VENV)/.mtlcore-installed-*

@@ -1,0 +1,60 @@
+// mtlcore's operator schemas (the whole API surface of the compiled ops) and the Python module.
+//
+// Each backend registers its kernels in its own file with TORCH_LIBRARY_IMPL:
+//   csrc/cpu/<family>.cpp  (CPU)      csrc/cuda/<family>.cu  (CUDA)
+// Fake kernels and autograd are registered from Python (python/mtlcore/ops.py).
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "common/cpu_isa.h"
+
+TORCH_LIBRARY(mtlcore, m) {
+  // Fused SGD update (torch.optim.SGD arithmetic) over lists of tensors, in place.
+  // grads are written (divided by grad_scale) only when grad_scale is given, as torch's fused
+  // optimizers do; with momentum == 0, momentum_buffers may be empty.
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, *, "
+      "float lr, float momentum=0., float dampening=0., float weight_decay=0., "
+      "bool nesterov=False, bool maximize=False, bool is_first_step=False, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Fused Adam / AdamW update (torch.optim.Adam / AdamW arithmetic), in place. state_steps[i]
+  // holds the step count including this update (callers increment it first, as torch does).
+  // max_exp_avg_sqs is read and written only with amsgrad (may be empty otherwise).
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, *, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay=0., "
+      "bool amsgrad=False, bool maximize=False, bool decoupled_weight_decay=False, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["version"] = MTLCORE_VERSION;
+  d["torch"] = MTLCORE_TORCH_VERSION;
+#ifdef MTLCORE_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["cuda_archs"] = MTLCORE_CUDA_ARCHS;
+  d["cpu_isa"] = mtlcore::cpu_isa_name(mtlcore::cpu_isa());
+  d["cpu_isa_supported"] = mtlcore::cpu_isa_name(mtlcore::cpu_isa_supported());
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["threads"] = at::get_num_threads();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mtlcore's compiled kernels; the ops are in torch.ops.mtlcore";
+  m.def("build_info", &build_info, "How this extension was built and which CPU path it uses.");
+}

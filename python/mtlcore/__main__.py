@@ -1,0 +1,5 @@
+import sys
+
+from mtlcore.cli import main
+
+sys.exit(main())

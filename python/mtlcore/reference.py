@@ -1,0 +1,106 @@
+"""Pure-PyTorch versions of every mtlcore op: the oracle the kernels are tested against.
+
+They follow the documented arithmetic of each op step by step with ordinary tensor operations,
+one tensor at a time; they are slow and meant for tests and for reading, not for training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_", "sgd_"]
+
+
+def _skip(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def _unscale(grad: Tensor, grad_scale: Tensor | None) -> Tensor:
+    if grad_scale is None:
+        return grad
+    grad.copy_(grad / grad_scale.to(grad.dtype))
+    return grad
+
+
+@torch.no_grad()
+def sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    is_first_step: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Reference of :func:`mtlcore.ops.sgd_` (same signature, same in-place effects)."""
+    if _skip(found_inf):
+        return
+    for i, p in enumerate(params):
+        g = _unscale(grads[i], grad_scale)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g + p * weight_decay
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            b = g if is_first_step else buf * momentum + g * (1 - dampening)
+            buf.copy_(b)
+            g = g + b * momentum if nesterov else b
+        p.copy_(p - g * lr)
+
+
+@torch.no_grad()
+def adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Reference of :func:`mtlcore.ops.adam_` (same signature, same in-place effects)."""
+    if _skip(found_inf):
+        return
+    for i, p in enumerate(params):
+        step = float(state_steps[i].item())
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        g = _unscale(grads[i], grad_scale)
+        if maximize:
+            g = -g
+        pv = p
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                pv = p * (1 - lr * weight_decay)
+            else:
+                g = g + p * weight_decay
+        m = exp_avgs[i] * beta1 + g * (1 - beta1)
+        v = exp_avg_sqs[i] * beta2 + g * g * (1 - beta2)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        if amsgrad:
+            v = torch.maximum(max_exp_avg_sqs[i], v)
+            max_exp_avg_sqs[i].copy_(v)
+        denom = v.sqrt() / bias_correction2_sqrt + eps
+        p.copy_(pv - m * step_size / denom)
