@@ -26,14 +26,18 @@ def _demo(args: argparse.Namespace) -> int:
     from mtlcore.demo import train_demo
 
     device = torch.device(args.device) if args.device else None
-    losses = train_demo(steps=args.steps, optimizer=args.optimizer, device=device, seed=args.seed,
-                        log=print)
+    losses = train_demo(
+        steps=args.steps, optimizer=args.optimizer, device=device, seed=args.seed, log=print
+    )
     return 0 if losses[-1] < losses[0] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mtlcore", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mtlcore",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print build information").set_defaults(func=_info)
     demo = sub.add_parser("demo", help="train a small model with mtlcore.optim")

@@ -36,8 +36,9 @@ def train_demo(
     y = torch.stack([torch.sin(x[:, 0]) + 0.5 * x[:, 1], (x[:, 2] * x[:, 3]).tanh()], dim=1)
     x, y = x.to(device), y.to(device)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
-                          nn.Linear(64, 2)).to(device)
+    model = nn.Sequential(
+        nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2)
+    ).to(device)
     opt = _OPTIMIZERS[optimizer](model.parameters())
     losses = []
     for step in range(steps):

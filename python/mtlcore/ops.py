@@ -24,6 +24,17 @@ def _as_float(name: str, value: float | Tensor) -> float:
     return float(value)
 
 
+def _no_tensors(op: str, **lists: Sequence[Tensor]) -> bool:
+    """True for a call with no parameters (nothing to do; the dispatcher needs a tensor to pick
+    a device). Other lists must then be empty too."""
+    if len(lists["params"]) != 0:
+        return False
+    for name, ts in lists.items():
+        if len(ts) != 0:
+            raise ValueError(f"mtlcore.{op}: {name} has {len(ts)} tensors but params has 0")
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # sgd_
 # --------------------------------------------------------------------------------------------
@@ -61,6 +72,8 @@ def sgd_(
     dtypes: float32 and float64 on CPU; float16, bfloat16, float32 and float64 on CUDA (math in
     float32 or better).
     """
+    if _no_tensors("sgd_", params=params, grads=grads, momentum_buffers=momentum_buffers):
+        return
     torch.ops.mtlcore.sgd_(
         list(params),
         list(grads),
@@ -124,6 +137,16 @@ def adam_(
     ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. ``grad_scale`` / ``found_inf`` follow
     ``torch.amp.GradScaler``'s fused-optimizer protocol (see :func:`sgd_`).
     """
+    if _no_tensors(
+        "adam_",
+        params=params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        state_steps=state_steps,
+    ):
+        return
     torch.ops.mtlcore.adam_(
         list(params),
         list(grads),
@@ -145,5 +168,7 @@ def adam_(
 
 
 @torch.library.register_fake("mtlcore::adam_")
-def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs) -> None:
+def _adam_fake(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs
+) -> None:
     return None

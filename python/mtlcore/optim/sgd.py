@@ -70,8 +70,13 @@ class SGD(torch.optim.SGD):
                 self._update(group, momentum, device, items)
         return loss
 
-    def _update(self, group: dict[str, Any], momentum: float, device: torch.device,
-                items: list[tuple[Tensor, Tensor]]) -> None:
+    def _update(
+        self,
+        group: dict[str, Any],
+        momentum: float,
+        device: torch.device,
+        items: list[tuple[Tensor, Tensor]],
+    ) -> None:
         grad_scale, found_inf = scaler_tensors(self, device)
         kwargs = dict(
             lr=as_float(group["lr"]),
