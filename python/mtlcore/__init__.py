@@ -20,10 +20,12 @@ def build_info() -> dict[str, object]:
 
     Returns a dict with ``version``, ``torch`` (the torch it was compiled against),
     ``torch_runtime`` (the torch imported now), ``cuda`` (whether CUDA kernels were compiled),
-    ``cuda_archs``, ``cuda_available``, ``cpu_isa`` (the CPU vector path in use: base, avx2 or
+    ``cuda_archs`` (list of CUDA architectures), ``cuda_available``, ``cpu_isa`` (the CPU vector path in use: base, avx2 or
     avx512), ``cpu_isa_supported``, ``openmp`` and ``threads`` (``torch.get_num_threads()``).
     """
     info = dict(_C.build_info())
+    archs = str(info["cuda_archs"])
+    info["cuda_archs"] = archs.split(",") if archs else []
     info["torch_runtime"] = torch.__version__
     info["cuda_available"] = bool(info["cuda"]) and torch.cuda.is_available()
     info["threads"] = torch.get_num_threads()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# make gpu-check: on a CUDA machine whose python already has torch (no downloads), build mtlcore
+# in place with its CUDA kernels, run the CUDA tests and the CUDA benchmarks, and write logs and
+# results under $OUT (default bench/results). CI never needs this.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+export OUT
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export MTLCORE_CUDA=1
+export MTLCORE_CUDA_ARCHS=${MTLCORE_CUDA_ARCHS:-$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')" 2>/dev/null || echo "80;90")}
+status=0
+
+echo "== build (archs $MTLCORE_CUDA_ARCHS) =="
+start=$(date +%s)
+if ! $PY -m pip install --no-build-isolation --no-deps --no-index --quiet \
+    --target build/gpu-site -C build-dir=build/gpu --upgrade . >"$OUT/gpu_build.log" 2>&1; then
+  tail -50 "$OUT/gpu_build.log"
+  exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+export PYTHONPATH=$PWD/build/gpu-site${PYTHONPATH:+:$PYTHONPATH}
+
+$PY -m mtlcore info | tee "$OUT/gpu_info.json"
+
+echo "== CUDA tests =="
+$PY -m pytest tests -q -m cuda -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== CUDA benchmarks =="
+$PY bench/bench_optim.py --device cuda 2>&1 | tee "$OUT/gpu_bench_optim.log" | tail -20
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status
