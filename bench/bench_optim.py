@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compare, copy_bandwidth, machine, print_table, write_results  # noqa: E402
+from common import compare, copy_bandwidth, machine, print_table, write_results
 
-import mtlcore  # noqa: E402
-from mtlcore import optim  # noqa: E402
+import mtlcore
+from mtlcore import optim
 
 SMALL_CNN = [(32, 3, 3, 3), (32,), (64, 32, 3, 3), (64,), (128, 2304), (128,), (10, 128), (10,)]
 
@@ -69,8 +69,9 @@ def main() -> None:
     device = torch.device(args.device)
     min_time = 0.2 if args.quick else 0.5
 
-    bandwidth = copy_bandwidth(device, 50_000_000 if not args.quick else 10_000_000,
-                               args.rounds, min_time)
+    bandwidth = copy_bandwidth(
+        device, 50_000_000 if not args.quick else 10_000_000, args.rounds, min_time
+    )
     rows = []
     for case, shapes in cases(args.quick).items():
         numel = sum(torch.Size(s).numel() for s in shapes)
@@ -80,22 +81,47 @@ def main() -> None:
             ours, theirs = make_ours(p_ours), make_theirs(p_theirs)
             t = compare({"ours": ours.step, "torch_fused": theirs.step}, args.rounds, min_time)
             achieved = BYTES_PER_ELEMENT[kind] * numel / t["ours"]
-            rows.append({
-                "case": case, "optimizer": kind, "params": numel,
-                "ours_ms": t["ours"] * 1e3, "torch_fused_ms": t["torch_fused"] * 1e3,
-                "speedup_vs_torch_fused": t["torch_fused"] / t["ours"],
-                "ours_GBps": achieved / 1e9,
-                "pct_of_copy_bandwidth": 100 * achieved / bandwidth,
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "optimizer": kind,
+                    "params": numel,
+                    "ours_ms": t["ours"] * 1e3,
+                    "torch_fused_ms": t["torch_fused"] * 1e3,
+                    "speedup_vs_torch_fused": t["torch_fused"] / t["ours"],
+                    "ours_GBps": achieved / 1e9,
+                    "pct_of_copy_bandwidth": 100 * achieved / bandwidth,
+                }
+            )
             del p_ours, p_theirs, ours, theirs
-            print(f"  {case:12s} {kind:5s} speedup {rows[-1]['speedup_vs_torch_fused']:.2f}x", flush=True)
-    print_table(rows, ["case", "optimizer", "params", "ours_ms", "torch_fused_ms",
-                       "speedup_vs_torch_fused", "ours_GBps", "pct_of_copy_bandwidth"])
+            print(
+                f"  {case:12s} {kind:5s} speedup {rows[-1]['speedup_vs_torch_fused']:.2f}x",
+                flush=True,
+            )
+    print_table(
+        rows,
+        [
+            "case",
+            "optimizer",
+            "params",
+            "ours_ms",
+            "torch_fused_ms",
+            "speedup_vs_torch_fused",
+            "ours_GBps",
+            "pct_of_copy_bandwidth",
+        ],
+    )
     print(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
-    path = write_results(f"optim_{device.type}", {
-        "benchmark": "bench_optim", "machine": machine(device), "build": mtlcore.build_info(),
-        "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows,
-    })
+    path = write_results(
+        f"optim_{device.type}",
+        {
+            "benchmark": "bench_optim",
+            "machine": machine(device),
+            "build": mtlcore.build_info(),
+            "copy_bandwidth_GBps": bandwidth / 1e9,
+            "rows": rows,
+        },
+    )
     print(f"wrote {path}")
 
 

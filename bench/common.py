@@ -23,7 +23,9 @@ def time_fn(fn: Callable[[], object], min_run_time: float) -> float:
     return m.blocked_autorange(min_run_time=min_run_time).median
 
 
-def compare(fns: dict[str, Callable[[], object]], rounds: int, min_run_time: float) -> dict[str, float]:
+def compare(
+    fns: dict[str, Callable[[], object]], rounds: int, min_run_time: float
+) -> dict[str, float]:
     """Median time of each function over ``rounds`` interleaved measurements, so that drifts of a
     noisy machine hit every contender alike."""
     samples: dict[str, list[float]] = {k: [] for k in fns}

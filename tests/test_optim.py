@@ -7,10 +7,11 @@ import copy
 import itertools
 from pathlib import Path
 
-import mtlcore
 import pytest
 import torch
 from conftest import dtypes_for
+
+import mtlcore
 from mtlcore import ops, optim, reference
 
 # Sizes that are not multiples of any chunk or vector width; () is a 0-d tensor.

@@ -13,28 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "common/optim_options.h"
+
 namespace mtlcore {
-
-struct SgdOptions {
-  double lr;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  bool nesterov;
-  bool maximize;
-  bool is_first_step;
-};
-
-struct AdamOptions {
-  double lr;
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  bool amsgrad;
-  bool maximize;
-  bool decoupled_weight_decay;
-};
 
 void check_sgd_options(const SgdOptions& o);
 void check_adam_options(const AdamOptions& o);

@@ -84,10 +84,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   check_scaler_tensor(op, "found_inf", found_inf, device);
   if (params.empty() || skip_step(found_inf)) return;
 
-  const SgdLoopArgs args{lr,       momentum,      dampening,
-                         weight_decay, nesterov, maximize,
-                         is_first_step, grad_scale.has_value(),
-                         grad_scale ? scalar_value(*grad_scale) : 1.0};
+  const SgdLoopArgs args{o, grad_scale.has_value(), grad_scale ? scalar_value(*grad_scale) : 1.0};
   DenseLists d(lists);
   const auto run = [&](auto tag, auto loop) {
     using T = decltype(tag);
@@ -127,9 +124,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   check_scaler_tensor(op, "found_inf", found_inf, device);
   if (params.empty() || skip_step(found_inf)) return;
 
-  const AdamLoopArgs args{lr,       beta1,    beta2,
-                          eps,      weight_decay, amsgrad,
-                          maximize, decoupled_weight_decay, grad_scale.has_value(),
+  const AdamLoopArgs args{o, grad_scale.has_value(),
                           grad_scale ? scalar_value(*grad_scale) : 1.0};
   std::vector<AdamStepScalars> per_tensor(params.size());
   for (size_t i = 0; i < params.size(); ++i) {

@@ -26,12 +26,12 @@ namespace {
 template <typename T, bool kScale, bool kDecay, int kMomentum, bool kNesterov>
 void sgd_loop(T* __restrict__ p, T* __restrict__ g, T* __restrict__ buf, int64_t n,
               const SgdLoopArgs& a) {
-  const T inv_sign = a.maximize ? T(-1) : T(1);
+  const T inv_sign = a.opt.maximize ? T(-1) : T(1);
   const T scale = T(a.grad_scale);
-  const T wd = T(a.weight_decay);
-  const T mom = T(a.momentum);
-  const T damp = T(1 - a.dampening);
-  const T lr = T(a.lr);
+  const T wd = T(a.opt.weight_decay);
+  const T mom = T(a.opt.momentum);
+  const T damp = T(1 - a.opt.dampening);
+  const T lr = T(a.opt.lr);
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     T gi = g[i];
@@ -61,7 +61,7 @@ void sgd_loop(T* __restrict__ p, T* __restrict__ g, T* __restrict__ buf, int64_t
 
 template <typename T, bool kScale, bool kDecay, int kMomentum>
 void sgd_nesterov(T* p, T* g, T* buf, int64_t n, const SgdLoopArgs& a) {
-  if (a.nesterov) {
+  if (a.opt.nesterov) {
     sgd_loop<T, kScale, kDecay, kMomentum, true>(p, g, buf, n, a);
   } else {
     sgd_loop<T, kScale, kDecay, kMomentum, false>(p, g, buf, n, a);
@@ -70,9 +70,9 @@ void sgd_nesterov(T* p, T* g, T* buf, int64_t n, const SgdLoopArgs& a) {
 
 template <typename T, bool kScale, bool kDecay>
 void sgd_momentum(T* p, T* g, T* buf, int64_t n, const SgdLoopArgs& a) {
-  if (a.momentum == 0.0) {
+  if (a.opt.momentum == 0.0) {
     sgd_loop<T, kScale, kDecay, 0, false>(p, g, buf, n, a);
-  } else if (a.is_first_step) {
+  } else if (a.opt.is_first_step) {
     sgd_nesterov<T, kScale, kDecay, 1>(p, g, buf, n, a);
   } else {
     sgd_nesterov<T, kScale, kDecay, 2>(p, g, buf, n, a);
@@ -81,7 +81,7 @@ void sgd_momentum(T* p, T* g, T* buf, int64_t n, const SgdLoopArgs& a) {
 
 template <typename T>
 void sgd(T* p, T* g, T* buf, int64_t n, const SgdLoopArgs& a) {
-  const bool decay = a.weight_decay != 0.0;
+  const bool decay = a.opt.weight_decay != 0.0;
   if (a.has_grad_scale) {
     decay ? sgd_momentum<T, true, true>(p, g, buf, n, a) : sgd_momentum<T, true, false>(p, g, buf, n, a);
   } else {
@@ -94,15 +94,15 @@ void sgd(T* p, T* g, T* buf, int64_t n, const SgdLoopArgs& a) {
 template <typename T, bool kScale, int kDecay, bool kAmsgrad>
 void adam_loop(T* __restrict__ p, T* __restrict__ g, T* __restrict__ m, T* __restrict__ v,
                T* __restrict__ vmax, int64_t n, const AdamLoopArgs& a, const AdamStepScalars& s) {
-  const T inv_sign = a.maximize ? T(-1) : T(1);
+  const T inv_sign = a.opt.maximize ? T(-1) : T(1);
   const T scale = T(a.grad_scale);
-  const T wd = T(a.weight_decay);
-  const T shrink = T(1 - a.lr * a.weight_decay);
-  const T beta1 = T(a.beta1);
-  const T beta2 = T(a.beta2);
-  const T c1 = T(1 - a.beta1);
-  const T c2 = T(1 - a.beta2);
-  const T eps = T(a.eps);
+  const T wd = T(a.opt.weight_decay);
+  const T shrink = T(1 - a.opt.lr * a.opt.weight_decay);
+  const T beta1 = T(a.opt.beta1);
+  const T beta2 = T(a.opt.beta2);
+  const T c1 = T(1 - a.opt.beta1);
+  const T c2 = T(1 - a.opt.beta2);
+  const T eps = T(a.opt.eps);
   const T step_size = T(s.step_size);
   const T bc2_sqrt = T(s.bias_correction2_sqrt);
 #pragma GCC ivdep
@@ -135,7 +135,7 @@ void adam_loop(T* __restrict__ p, T* __restrict__ g, T* __restrict__ m, T* __res
 template <typename T, bool kScale, int kDecay>
 void adam_amsgrad(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const AdamLoopArgs& a,
                   const AdamStepScalars& s) {
-  if (a.amsgrad) {
+  if (a.opt.amsgrad) {
     adam_loop<T, kScale, kDecay, true>(p, g, m, v, vmax, n, a, s);
   } else {
     adam_loop<T, kScale, kDecay, false>(p, g, m, v, vmax, n, a, s);
@@ -145,9 +145,9 @@ void adam_amsgrad(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const AdamLoopArgs
 template <typename T, bool kScale>
 void adam_decay(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const AdamLoopArgs& a,
                 const AdamStepScalars& s) {
-  if (a.weight_decay == 0.0) {
+  if (a.opt.weight_decay == 0.0) {
     adam_amsgrad<T, kScale, 0>(p, g, m, v, vmax, n, a, s);
-  } else if (a.decoupled_weight_decay) {
+  } else if (a.opt.decoupled_weight_decay) {
     adam_amsgrad<T, kScale, 2>(p, g, m, v, vmax, n, a, s);
   } else {
     adam_amsgrad<T, kScale, 1>(p, g, m, v, vmax, n, a, s);

@@ -7,30 +7,19 @@
 
 #include <cstdint>
 
+#include "common/optim_options.h"
+
 namespace mtlcore::cpu {
 
-// Hyperparameters as the loops need them (after validation).
+// Hyperparameters as the loops need them (after validation), with the GradScaler's scale.
 struct SgdLoopArgs {
-  double lr;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  bool nesterov;
-  bool maximize;
-  bool is_first_step;
+  SgdOptions opt;
   bool has_grad_scale;
   double grad_scale;
 };
 
 struct AdamLoopArgs {
-  double lr;
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  bool amsgrad;
-  bool maximize;
-  bool decoupled_weight_decay;
+  AdamOptions opt;
   bool has_grad_scale;
   double grad_scale;
 };

@@ -50,76 +50,28 @@ using cuda::MtaTensor;
 // Element arithmetic: one rounding per operation, never fused.
 // ---------------------------------------------------------------------------------------
 
-MTLCORE_HD float op_add(float a, float b) {
+// op_add/op_sub/op_mul/op_div(a, b) and op_sqrt(a) for float and double: the round-to-nearest
+// intrinsics on the device (no contraction into FMA, IEEE division and square root whatever the
+// flags), the plain operators on the host.
 #ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
+#define MTLCORE_RN_BINARY(name, op, float_rn, double_rn)                     \
+  MTLCORE_HD float name(float a, float b) { return float_rn(a, b); }      \
+  MTLCORE_HD double name(double a, double b) { return double_rn(a, b); }
+MTLCORE_HD float op_sqrt(float a) { return __fsqrt_rn(a); }
+MTLCORE_HD double op_sqrt(double a) { return __dsqrt_rn(a); }
 #else
-  return a + b;
+#define MTLCORE_RN_BINARY(name, op, float_rn, double_rn)                \
+  MTLCORE_HD float name(float a, float b) { return a op b; }         \
+  MTLCORE_HD double name(double a, double b) { return a op b; }
+MTLCORE_HD float op_sqrt(float a) { return ::sqrtf(a); }
+MTLCORE_HD double op_sqrt(double a) { return ::sqrt(a); }
 #endif
-}
-MTLCORE_HD double op_add(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-MTLCORE_HD float op_sub(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-MTLCORE_HD double op_sub(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-MTLCORE_HD float op_mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-MTLCORE_HD double op_mul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-MTLCORE_HD float op_div(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-MTLCORE_HD double op_div(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-MTLCORE_HD float op_sqrt(float a) {
-#ifdef __CUDA_ARCH__
-  return __fsqrt_rn(a);
-#else
-  return ::sqrtf(a);
-#endif
-}
-MTLCORE_HD double op_sqrt(double a) {
-#ifdef __CUDA_ARCH__
-  return __dsqrt_rn(a);
-#else
-  return ::sqrt(a);
-#endif
-}
+MTLCORE_RN_BINARY(op_add, +, __fadd_rn, __dadd_rn)
+MTLCORE_RN_BINARY(op_sub, -, __fsub_rn, __dsub_rn)
+MTLCORE_RN_BINARY(op_mul, *, __fmul_rn, __dmul_rn)
+MTLCORE_RN_BINARY(op_div, /, __fdiv_rn, __ddiv_rn)
+#undef MTLCORE_RN_BINARY
+
 // max(vmax, v) that propagates NaN from either side, like torch.maximum (the CPU kernels'
 // expression, so ties and NaNs pick the same operand).
 template <typename T>

@@ -20,8 +20,9 @@ def build_info() -> dict[str, object]:
 
     Returns a dict with ``version``, ``torch`` (the torch it was compiled against),
     ``torch_runtime`` (the torch imported now), ``cuda`` (whether CUDA kernels were compiled),
-    ``cuda_archs`` (list of CUDA architectures), ``cuda_available``, ``cpu_isa`` (the CPU vector path in use: base, avx2 or
-    avx512), ``cpu_isa_supported``, ``openmp`` and ``threads`` (``torch.get_num_threads()``).
+    ``cuda_archs`` (list of CUDA architectures), ``cuda_available``, ``cpu_isa`` (the CPU
+    vector path in use: base, avx2 or avx512), ``cpu_isa_supported``, ``openmp`` and
+    ``threads`` (``torch.get_num_threads()``).
     """
     info = dict(_C.build_info())
     archs = str(info["cuda_archs"])

@@ -8,15 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlcore import ops
 from mtlcore.optim._common import (
     as_float,
-    grad_of,
-    group_by_device_and_dtype,
+    params_with_grads,
     reject_unsupported,
     run_closure,
     scaler_tensors,
 )
+
+# The compiled op itself: the step has already put its arguments in the op's form.
+_adam = torch.ops.mtlcore.adam_.default
 
 
 def _step_dtype() -> torch.dtype:
@@ -28,16 +29,15 @@ def _adam_step(optimizer: torch.optim.Optimizer, name: str, closure: Callable[[]
     loss = run_closure(closure)
     for group in optimizer.param_groups:
         amsgrad = bool(group["amsgrad"])
-        with_grad = [(p, g) for p in group["params"] if (g := grad_of(p, name)) is not None]
-        for (device, _), items in group_by_device_and_dtype(with_grad).items():
-            states = [_state_of(optimizer, p, amsgrad) for p, _ in items]
+        beta1, beta2 = group["betas"]
+        for params, grads in params_with_grads(group, name):
+            states = [_state_of(optimizer, p, amsgrad) for p in params]
             steps = [s["step"] for s in states]
-            grad_scale, found_inf = scaler_tensors(optimizer, device)
-            beta1, beta2 = group["betas"]
+            grad_scale, found_inf = scaler_tensors(optimizer, params[0].device)
             torch._foreach_add_(steps, 1)
-            ops.adam_(
-                [p for p, _ in items],
-                [g for _, g in items],
+            _adam(
+                params,
+                grads,
                 [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else [],

@@ -8,15 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlcore import ops
 from mtlcore.optim._common import (
     as_float,
-    grad_of,
-    group_by_device_and_dtype,
+    params_with_grads,
     reject_unsupported,
     run_closure,
     scaler_tensors,
 )
+
+# The compiled op itself: the step has already put its arguments in the op's form.
+_sgd = torch.ops.mtlcore.sgd_.default
 
 
 class SGD(torch.optim.SGD):
@@ -64,20 +65,13 @@ class SGD(torch.optim.SGD):
         loss."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            momentum = float(group["momentum"])
-            with_grad = [(p, g) for p in group["params"] if (g := grad_of(p, "SGD")) is not None]
-            for (device, _), items in group_by_device_and_dtype(with_grad).items():
-                self._update(group, momentum, device, items)
+            for params, grads in params_with_grads(group, "SGD"):
+                self._update(group, params, grads)
         return loss
 
-    def _update(
-        self,
-        group: dict[str, Any],
-        momentum: float,
-        device: torch.device,
-        items: list[tuple[Tensor, Tensor]],
-    ) -> None:
-        grad_scale, found_inf = scaler_tensors(self, device)
+    def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        grad_scale, found_inf = scaler_tensors(self, params[0].device)
+        momentum = float(group["momentum"])
         kwargs = dict(
             lr=as_float(group["lr"]),
             momentum=momentum,
@@ -89,21 +83,34 @@ class SGD(torch.optim.SGD):
             found_inf=found_inf,
         )
         if momentum == 0:
-            ops.sgd_([p for p, _ in items], [g for _, g in items], [], **kwargs)
+            _sgd(params, grads, [], is_first_step=False, **kwargs)
+            return
+        state = self.state
+        bufs = [state[p].get("momentum_buffer") for p in params]
+        if all(b is not None for b in bufs):
+            _sgd(params, grads, bufs, is_first_step=False, **kwargs)
             return
         # Parameters with a momentum buffer take the regular update; the others (first step)
         # start their buffer from the gradient, as torch.optim.SGD does.
-        started, first = [], []
-        for p, g in items:
-            buf = self.state[p].get("momentum_buffer")
-            (first if buf is None else started).append((p, g, buf))
+        started = [i for i, b in enumerate(bufs) if b is not None]
+        first = [i for i, b in enumerate(bufs) if b is None]
         if started:
-            ops.sgd_(*map(list, zip(*started, strict=True)), is_first_step=False, **kwargs)
-        if first:
-            bufs = [torch.empty_like(g, memory_format=torch.preserve_format) for _, g, _ in first]
-            params = [p for p, _, _ in first]
-            ops.sgd_(params, [g for _, g, _ in first], bufs, is_first_step=True, **kwargs)
-            if found_inf is not None and found_inf.item() != 0:
-                return  # skipped step: the buffers hold nothing yet
-            for p, buf in zip(params, bufs, strict=True):
-                self.state[p]["momentum_buffer"] = buf
+            _sgd(
+                [params[i] for i in started],
+                [grads[i] for i in started],
+                [bufs[i] for i in started],
+                is_first_step=False,
+                **kwargs,
+            )
+        new_bufs = [torch.empty_like(grads[i], memory_format=torch.preserve_format) for i in first]
+        _sgd(
+            [params[i] for i in first],
+            [grads[i] for i in first],
+            new_bufs,
+            is_first_step=True,
+            **kwargs,
+        )
+        if found_inf is not None and found_inf.item() != 0:
+            return  # a skipped step: the new buffers hold nothing yet
+        for i, buf in zip(first, new_bufs, strict=True):
+            state[params[i]]["momentum_buffer"] = buf

@@ -1,0 +1,65 @@
+"""The installed package: build information, the command line, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import mtlcore
+from mtlcore.demo import train_demo
+
+
+def test_build_info_reports_how_it_was_built():
+    info = mtlcore.build_info()
+    for key in ("version", "torch", "cuda", "cuda_archs", "cpu_isa", "openmp", "threads"):
+        assert key in info
+    assert info["version"] == mtlcore.__version__
+    assert info["cpu_isa"] in ("base", "avx2", "avx512")
+    assert info["threads"] == torch.get_num_threads()
+    assert isinstance(info["cuda_archs"], list)
+    assert info["cuda"] == bool(info["cuda_archs"])
+    assert info["openmp"] is True  # at::parallel_for needs it to use more than one thread
+
+
+def test_ops_are_registered_for_the_built_devices():
+    for op in (torch.ops.mtlcore.sgd_, torch.ops.mtlcore.adam_):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU")
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA")
+        assert has_cuda == mtlcore.build_info()["cuda"]
+
+
+def test_cli_info_prints_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "mtlcore", "info"], check=True, capture_output=True, text=True
+    ).stdout
+    assert json.loads(out)["version"] == mtlcore.__version__
+
+
+def test_cli_demo_loss_falls():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtlcore",
+            "demo",
+            "--steps",
+            "40",
+            "--device",
+            "cpu",
+            "--optimizer",
+            "sgd",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "loss" in proc.stdout
+
+
+def test_demo_trains_with_each_optimizer():
+    for name in ("sgd", "adam", "adamw"):
+        losses = train_demo(steps=60, optimizer=name, device=torch.device("cpu"))
+        assert losses[-1] < 0.5 * losses[0], name
