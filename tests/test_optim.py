@@ -14,8 +14,8 @@ from conftest import dtypes_for
 import mtlcore
 from mtlcore import ops, optim, reference
 
-# Sizes that are not multiples of any chunk or vector width; () is a 0-d tensor.
-SHAPES = [(1,), (7,), (1000003,), (), (33, 17)]
+# Sizes that are not multiples of any chunk or vector width; () is a 0-d tensor, (0,) empty.
+SHAPES = [(1,), (7,), (1000003,), (), (0,), (33, 17)]
 SMALL_SHAPES = [(1,), (7,), (257,), (), (33, 17)]
 
 
@@ -108,7 +108,7 @@ def test_adam_op_matches_reference(device, config, scaled):
         exp_avg_sqs = rand_list(SHAPES, dtype, device, gen, positive=True)
         maxs = rand_list(SHAPES, dtype, device, gen, positive=True) if config.get("amsgrad") else []
         # Every parameter at its own step count.
-        steps = [torch.tensor(float(s), device=device) for s in (1, 2, 5, 40, 1000)]
+        steps = [torch.tensor(float(s), device=device) for s in (1, 2, 5, 40, 7, 1000)]
         grad_scale = torch.tensor(4096.0, device=device) if scaled else None
         ref_dtype = torch.float64 if dtype in (torch.float16, torch.bfloat16) else None
         expected = [

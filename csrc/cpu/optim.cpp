@@ -2,15 +2,17 @@
 //
 // Layout: every tensor group (param, grad, states at one index) is walked as flat arrays
 //   (common/optim_args.h makes non-dense groups dense through copies that are written back).
-// Parallel split: all tensors of a call are cut into chunks of kChunk elements and ONE
-//   at::parallel_for runs over the chunks of all tensors (threads follow torch.set_num_threads),
-//   so many small tensors cost one parallel region, not one per tensor.
+// Parallel split: all tensors of a call form one virtual array that ONE at::parallel_for splits
+//   evenly (in 64-element units) over the threads (torch.set_num_threads governs them); each
+//   thread walks its contiguous range tensor by tensor. Many small tensors thus cost one
+//   parallel region, not one per tensor, and the threads get equal work whatever the sizes.
 // Numerics: the element loops are in optim_kernels.cpp (compiled per ISA, chosen at run time);
 //   Adam's bias corrections are computed per tensor in double, as torch.optim does.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/cpu_isa.h"
@@ -21,41 +23,34 @@ namespace mtlcore::cpu {
 
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;       // elements per work item
+constexpr int64_t kUnit = 64;               // elements: the split never cuts finer
 constexpr int64_t kMinPerThread = 1 << 15;  // below this a thread costs more than it saves
 
 const OptimLoops& loops() { MTLCORE_ISA_SELECT(optim_loops); }
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-// Cuts tensors of the given sizes into chunks; one at::parallel_for then runs `fn` on each.
+// Calls fn(i, begin, end) on element ranges of tensors i of the dense lists so that every
+// element of every tensor is visited once, the ranges spread over the threads.
 template <typename Fn>
-void for_each_chunk(const std::vector<int64_t>& numels, const Fn& fn) {
-  std::vector<Chunk> chunks;
-  int64_t total = 0;
-  for (size_t t = 0; t < numels.size(); ++t) {
-    for (int64_t b = 0; b < numels[t]; b += kChunk) {
-      chunks.push_back({static_cast<int64_t>(t), b, std::min(numels[t], b + kChunk)});
+void for_each_range(const DenseLists& d, const Fn& fn) {
+  const size_t n = d.num_tensors();
+  std::vector<int64_t> start(n + 1, 0);  // start[i]: offset of tensor i in the virtual array
+  for (size_t i = 0; i < n; ++i) start[i + 1] = start[i] + d.get(0, i).numel();
+  const int64_t total = start[n];
+  if (total == 0) return;
+  const int64_t units = (total + kUnit - 1) / kUnit;
+  at::parallel_for(0, units, kMinPerThread / kUnit, [&](int64_t lo, int64_t hi) {
+    int64_t b = lo * kUnit;
+    const int64_t e = std::min(total, hi * kUnit);
+    // The last tensor starting at or before b (empty tensors are stepped over below).
+    size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), b) - start.begin());
+    --i;
+    while (b < e) {
+      const int64_t stop = std::min(e, start[i + 1]);
+      if (stop > b) fn(i, b - start[i], stop - start[i]);
+      b = std::max(b, stop);
+      ++i;
     }
-    total += numels[t];
-  }
-  if (chunks.empty()) return;
-  // Grain in chunks: keep at least kMinPerThread elements per thread.
-  const int64_t avg = std::max<int64_t>(1, total / static_cast<int64_t>(chunks.size()));
-  const int64_t grain = std::max<int64_t>(1, kMinPerThread / avg);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) fn(chunks[c]);
   });
-}
-
-std::vector<int64_t> numels_of(const DenseLists& d) {
-  std::vector<int64_t> n(d.num_tensors());
-  for (size_t i = 0; i < n.size(); ++i) n[i] = d.get(0, i).numel();
-  return n;
 }
 
 bool skip_step(const std::optional<at::Tensor>& found_inf) {
@@ -88,10 +83,9 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   DenseLists d(lists);
   const auto run = [&](auto tag, auto loop) {
     using T = decltype(tag);
-    for_each_chunk(numels_of(d), [&](const Chunk& c) {
-      const size_t i = static_cast<size_t>(c.tensor);
-      T* buf = has_momentum ? ptr<T>(d, 2, i) + c.begin : nullptr;
-      loop(ptr<T>(d, 0, i) + c.begin, ptr<T>(d, 1, i) + c.begin, buf, c.end - c.begin, args);
+    for_each_range(d, [&](size_t i, int64_t b, int64_t e) {
+      T* buf = has_momentum ? ptr<T>(d, 2, i) + b : nullptr;
+      loop(ptr<T>(d, 0, i) + b, ptr<T>(d, 1, i) + b, buf, e - b, args);
     });
   };
   if (params[0].scalar_type() == at::kFloat) {
@@ -136,11 +130,10 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   DenseLists d(lists);
   const auto run = [&](auto tag, auto loop) {
     using T = decltype(tag);
-    for_each_chunk(numels_of(d), [&](const Chunk& c) {
-      const size_t i = static_cast<size_t>(c.tensor);
-      T* vmax = amsgrad ? ptr<T>(d, 4, i) + c.begin : nullptr;
-      loop(ptr<T>(d, 0, i) + c.begin, ptr<T>(d, 1, i) + c.begin, ptr<T>(d, 2, i) + c.begin,
-           ptr<T>(d, 3, i) + c.begin, vmax, c.end - c.begin, args, per_tensor[i]);
+    for_each_range(d, [&](size_t i, int64_t b, int64_t e) {
+      T* vmax = amsgrad ? ptr<T>(d, 4, i) + b : nullptr;
+      loop(ptr<T>(d, 0, i) + b, ptr<T>(d, 1, i) + b, ptr<T>(d, 2, i) + b, ptr<T>(d, 3, i) + b,
+           vmax, e - b, args, per_tensor[i]);
     });
   };
   if (params[0].scalar_type() == at::kFloat) {
