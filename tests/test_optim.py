@@ -235,6 +235,9 @@ def run_steps(opt, params, steps, seed, skip_grad_of=None):
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    if b.numel() == 0:
+        return 0.0
     scale = b.abs().max().item()
     return (a - b).abs().max().item() / max(scale, 1e-30)
 
