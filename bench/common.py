@@ -18,8 +18,8 @@ RESULTS_DIR = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
 
 def time_fn(fn: Callable[[], object], min_run_time: float) -> float:
     """Median seconds per call of ``fn`` (torch.utils.benchmark; syncs CUDA)."""
-    fn()  # warm-up
     m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m.blocked_autorange(min_run_time=min(0.2, min_run_time))  # warm-up: caches, threads, clocks
     return m.blocked_autorange(min_run_time=min_run_time).median
 
 

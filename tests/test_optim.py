@@ -579,3 +579,28 @@ def test_runs_against_installed_package():
     """The tests exercise the installed package, not the source tree."""
     source = Path(__file__).resolve().parents[1] / "python"
     assert source not in Path(mtlcore.__file__).resolve().parents
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_step_hooks_and_profiler_range(name):
+    """Step hooks run as with torch.optim (a pre hook may replace the arguments), and the
+    profiler sees the Optimizer.step range."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    p = torch.ones(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    opt = getattr(optim, name)([p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    handle = register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("global"))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert calls == ["pre", "post", "global"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = {e.name for e in prof.events()}
+    assert f"Optimizer.step#{name}.step" in names
+    assert any("mtlcore::" in n for n in names)

@@ -7,11 +7,56 @@ directly.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+
+def hooked_step(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps an optimizer's ``step`` as ``torch.optim.Optimizer`` does (global and per-optimizer
+    step pre/post hooks, the profiler's ``Optimizer.step#...`` range), except that the
+    ``record_function`` range is opened only while a profiler runs: otherwise it alone costs
+    about 20 microseconds per step, a fifth of a small model's fused step. Marked ``hooked`` so
+    that ``Optimizer`` does not wrap it a second time."""
+
+    @functools.wraps(func)
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if torch.autograd._profiler_enabled():
+            name = f"Optimizer.step#{type(self).__name__}.step"
+            with torch.autograd.profiler.record_function(name):
+                return _with_hooks(func, self, args, kwargs)
+        return _with_hooks(func, self, args, kwargs)
+
+    step.hooked = True  # type: ignore[attr-defined]
+    return step
+
+
+def _with_hooks(
+    func: Callable[..., Any], self: torch.optim.Optimizer, args: tuple, kwargs: dict
+) -> Any:
+    pre_hooks = self._optimizer_step_pre_hooks
+    if _global_optimizer_pre_hooks or pre_hooks:
+        for hook in itertools.chain(_global_optimizer_pre_hooks.values(), pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{func} must return None or a tuple of (new_args, new_kwargs), "
+                        f"but got {result}."
+                    )
+                args, kwargs = result
+    out = func(self, *args, **kwargs)
+    self._optimizer_step_code()
+    post_hooks = self._optimizer_step_post_hooks
+    if _global_optimizer_post_hooks or post_hooks:
+        for hook in itertools.chain(post_hooks.values(), _global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+    return out
 
 
 def params_with_grads(

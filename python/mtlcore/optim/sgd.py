@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mtlcore.optim._common import (
     as_float,
+    hooked_step,
     params_with_grads,
     reject_unsupported,
     run_closure,
@@ -59,6 +60,7 @@ class SGD(torch.optim.SGD):
         )
         self._step_supports_amp_scaling = True
 
+    @hooked_step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Performs one optimization step; ``closure`` re-evaluates the model and returns the
