@@ -41,9 +41,10 @@ void for_each_range(const DenseLists& d, const Fn& fn) {
   at::parallel_for(0, units, kMinPerThread / kUnit, [&](int64_t lo, int64_t hi) {
     int64_t b = lo * kUnit;
     const int64_t e = std::min(total, hi * kUnit);
-    // The last tensor starting at or before b (empty tensors are stepped over below).
-    size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), b) - start.begin());
-    --i;
+    // The tensor holding element b: the last one starting at or before it (empty tensors that
+    // start there too are stepped over below).
+    const auto first_after = std::upper_bound(start.begin(), start.end(), b);
+    size_t i = static_cast<size_t>(first_after - start.begin()) - 1;
     while (b < e) {
       const int64_t stop = std::min(e, start[i + 1]);
       if (stop > b) fn(i, b - start[i], stop - start[i]);
