@@ -11,8 +11,6 @@ namespace {
 
 bool finite_nonneg(double v) { return std::isfinite(v) && v >= 0.0; }
 
-}  // namespace
-
 void check_sgd_options(const SgdOptions& o) {
   TORCH_CHECK_VALUE(finite_nonneg(o.lr), "mtlcore.sgd_: lr must be finite and >= 0, got ", o.lr);
   TORCH_CHECK_VALUE(finite_nonneg(o.momentum), "mtlcore.sgd_: momentum must be finite and >= 0, got ",
@@ -111,6 +109,51 @@ void check_state_steps(const char* op, at::TensorList steps, size_t n, const c10
     TORCH_CHECK_VALUE(s.device() == device, op, ": state_steps[", i, "] is on ", s.device(),
                       " but the parameters are on ", device);
   }
+}
+
+}  // namespace
+
+std::vector<NamedList> check_sgd_args(at::TensorList params, at::TensorList grads,
+                                      at::TensorList momentum_buffers, const SgdOptions& o,
+                                      const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf,
+                                      const std::vector<at::ScalarType>& dtypes) {
+  constexpr const char* op = "mtlcore.sgd_";
+  check_sgd_options(o);
+  std::vector<NamedList> lists = {{"params", params, true},
+                                  {"grads", grads, grad_scale.has_value()}};
+  if (o.momentum != 0.0) lists.push_back({"momentum_buffers", momentum_buffers, true});
+  const c10::Device device = params.empty() ? c10::Device(c10::kCPU) : params[0].device();
+  check_tensor_lists(op, lists, device, dtypes);
+  if (!params.empty()) {
+    check_scaler_tensor(op, "grad_scale", grad_scale, device);
+    check_scaler_tensor(op, "found_inf", found_inf, device);
+  }
+  return lists;
+}
+
+std::vector<NamedList> check_adam_args(at::TensorList params, at::TensorList grads,
+                                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                       at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                                       const AdamOptions& o,
+                                       const std::optional<at::Tensor>& grad_scale,
+                                       const std::optional<at::Tensor>& found_inf,
+                                       const std::vector<at::ScalarType>& dtypes) {
+  constexpr const char* op = "mtlcore.adam_";
+  check_adam_options(o);
+  std::vector<NamedList> lists = {{"params", params, true},
+                                  {"grads", grads, grad_scale.has_value()},
+                                  {"exp_avgs", exp_avgs, true},
+                                  {"exp_avg_sqs", exp_avg_sqs, true}};
+  if (o.amsgrad) lists.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, true});
+  const c10::Device device = params.empty() ? c10::Device(c10::kCPU) : params[0].device();
+  check_tensor_lists(op, lists, device, dtypes);
+  check_state_steps(op, state_steps, params.size(), device);
+  if (!params.empty()) {
+    check_scaler_tensor(op, "grad_scale", grad_scale, device);
+    check_scaler_tensor(op, "found_inf", found_inf, device);
+  }
+  return lists;
 }
 
 DenseLists::DenseLists(const std::vector<NamedList>& lists) {

@@ -17,27 +17,31 @@
 
 namespace mtlcore {
 
-void check_sgd_options(const SgdOptions& o);
-void check_adam_options(const AdamOptions& o);
-
 struct NamedList {
   const char* name;
   at::TensorList tensors;
   bool mutated;
 };
 
-// lists[0] is the reference list (params). Checks lengths, devices (all on `device`),
-// dtypes (`allowed` floating types), shapes, layouts, and that no tensor at index i shares
-// memory with another list's tensor at index i. Errors name the op, list and index.
-void check_tensor_lists(const char* op, const std::vector<NamedList>& lists,
-                        const c10::Device& device, const std::vector<at::ScalarType>& allowed);
-
-// Optional one-element float tensors of the GradScaler protocol.
-void check_scaler_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                         const c10::Device& device);
-
-// Adam's per-parameter step counters: one element each, a real dtype, on `device`.
-void check_state_steps(const char* op, at::TensorList steps, size_t n, const c10::Device& device);
+// Every argument check of mtlcore.sgd_ / mtlcore.adam_, shared by the CPU and CUDA kernels:
+// hyperparameters, list lengths, per-index dtype/shape/device agreement (all tensors on
+// params[0]'s device, one dtype from `dtypes`), layouts, memory shared between an updated
+// tensor and another list's tensor, the GradScaler tensors and Adam's step counters. Errors
+// name the op, the argument and the index. Returns the lists the kernel walks: params, grads,
+// then the states in use (momentum_buffers only with momentum, max_exp_avg_sqs only with
+// amsgrad); grads count as updated only when grad_scale is given.
+std::vector<NamedList> check_sgd_args(at::TensorList params, at::TensorList grads,
+                                      at::TensorList momentum_buffers, const SgdOptions& o,
+                                      const std::optional<at::Tensor>& grad_scale,
+                                      const std::optional<at::Tensor>& found_inf,
+                                      const std::vector<at::ScalarType>& dtypes);
+std::vector<NamedList> check_adam_args(at::TensorList params, at::TensorList grads,
+                                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                       at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                                       const AdamOptions& o,
+                                       const std::optional<at::Tensor>& grad_scale,
+                                       const std::optional<at::Tensor>& found_inf,
+                                       const std::vector<at::ScalarType>& dtypes);
 
 class DenseLists {
  public:

@@ -67,17 +67,10 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
              bool maximize, bool is_first_step, const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf) {
-  constexpr const char* op = "mtlcore.sgd_";
   const SgdOptions o{lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step};
-  check_sgd_options(o);
+  const auto lists = check_sgd_args(params, grads, momentum_buffers, o, grad_scale, found_inf,
+                                    {at::kFloat, at::kDouble});
   const bool has_momentum = momentum != 0.0;
-  std::vector<NamedList> lists = {{"params", params, true},
-                                  {"grads", grads, grad_scale.has_value()}};
-  if (has_momentum) lists.push_back({"momentum_buffers", momentum_buffers, true});
-  const c10::Device device = params.empty() ? c10::Device(c10::kCPU) : params[0].device();
-  check_tensor_lists(op, lists, device, {at::kFloat, at::kDouble});
-  check_scaler_tensor(op, "grad_scale", grad_scale, device);
-  check_scaler_tensor(op, "found_inf", found_inf, device);
   if (params.empty() || skip_step(found_inf)) return;
 
   const SgdLoopArgs args{o, grad_scale.has_value(), grad_scale ? scalar_value(*grad_scale) : 1.0};
@@ -106,17 +99,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   constexpr const char* op = "mtlcore.adam_";
   const AdamOptions o{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                       decoupled_weight_decay};
-  check_adam_options(o);
-  std::vector<NamedList> lists = {{"params", params, true},
-                                  {"grads", grads, grad_scale.has_value()},
-                                  {"exp_avgs", exp_avgs, true},
-                                  {"exp_avg_sqs", exp_avg_sqs, true}};
-  if (amsgrad) lists.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, true});
-  const c10::Device device = params.empty() ? c10::Device(c10::kCPU) : params[0].device();
-  check_tensor_lists(op, lists, device, {at::kFloat, at::kDouble});
-  check_state_steps(op, state_steps, params.size(), device);
-  check_scaler_tensor(op, "grad_scale", grad_scale, device);
-  check_scaler_tensor(op, "found_inf", found_inf, device);
+  const auto lists = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                     state_steps, o, grad_scale, found_inf,
+                                     {at::kFloat, at::kDouble});
   if (params.empty() || skip_step(found_inf)) return;
 
   const AdamLoopArgs args{o, grad_scale.has_value(),

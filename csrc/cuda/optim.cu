@@ -310,20 +310,14 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               double lr, double momentum, double dampening, double weight_decay, bool nesterov,
               bool maximize, bool is_first_step, const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
-  const char* op = "mtlcore.sgd_";
-  check_sgd_options(
-      SgdOptions{lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step});
-  const bool use_momentum = momentum != 0.0;
-  std::vector<NamedList> lists{{"params", params, true},
-                               {"grads", grads, grad_scale.has_value()}};
-  if (use_momentum) lists.push_back({"momentum_buffers", momentum_buffers, true});
-  const c10::Device device = params.empty() ? c10::Device(c10::kCUDA) : params[0].device();
-  check_tensor_lists(op, lists, device, cuda_dtypes());
-  // With no parameters there is no device to check the scaler tensors against.
+  const auto lists = check_sgd_args(
+      params, grads, momentum_buffers,
+      SgdOptions{lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step},
+      grad_scale, found_inf, cuda_dtypes());
   if (params.empty()) return;
-  check_scaler_tensor(op, "grad_scale", grad_scale, device);
-  check_scaler_tensor(op, "found_inf", found_inf, device);
-  TORCH_CHECK_VALUE(device.is_cuda(), op, ": the CUDA kernel got parameters on ", device);
+  const c10::Device device = params[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "mtlcore.sgd_: the CUDA kernel got parameters on ", device);
+  const bool use_momentum = momentum != 0.0;
 
   const auto groups = groups_by_dtype(params);
   if (groups.empty()) return;
@@ -364,22 +358,13 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
                const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
-  const char* op = "mtlcore.adam_";
-  check_adam_options(AdamOptions{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                                 decoupled_weight_decay});
-  std::vector<NamedList> lists{{"params", params, true},
-                               {"grads", grads, grad_scale.has_value()},
-                               {"exp_avgs", exp_avgs, true},
-                               {"exp_avg_sqs", exp_avg_sqs, true}};
-  if (amsgrad) lists.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, true});
-  const c10::Device device = params.empty() ? c10::Device(c10::kCUDA) : params[0].device();
-  check_tensor_lists(op, lists, device, cuda_dtypes());
-  check_state_steps(op, state_steps, params.size(), device);
-  // With no parameters there is no device to check the scaler tensors against.
+  const auto lists = check_adam_args(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+      AdamOptions{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay},
+      grad_scale, found_inf, cuda_dtypes());
   if (params.empty()) return;
-  check_scaler_tensor(op, "grad_scale", grad_scale, device);
-  check_scaler_tensor(op, "found_inf", found_inf, device);
-  TORCH_CHECK_VALUE(device.is_cuda(), op, ": the CUDA kernel got parameters on ", device);
+  const c10::Device device = params[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "mtlcore.adam_: the CUDA kernel got parameters on ", device);
 
   const auto groups = groups_by_dtype(params);
   if (groups.empty()) return;
