@@ -3,7 +3,7 @@
 #   make run     same set-up, then the main job
 #   make wheel   a compiled wheel in dist/
 #   make bench   the benchmarks (results in bench/results/)
-#   make lint    ruff
+#   make lint    ruff and clang-format checks (make format applies them)
 # MTLCORE_CUDA=AUTO|1|0 chooses whether the CUDA kernels are built (default: when possible).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -17,7 +17,7 @@ SOURCES := $(shell find csrc python -type f -not -name '*.pyc' -not -path '*/__p
 DEPS_STAMP    := $(VENV)/.deps-installed
 INSTALL_STAMP := $(VENV)/.mtlcore-installed-cuda-$(MTLCORE_CUDA)
 
-.PHONY: all test run wheel bench lint clean gpu-check
+.PHONY: all test run wheel bench lint format clean gpu-check
 
 all: test
 
@@ -50,9 +50,16 @@ run: $(INSTALL_STAMP)
 bench: $(INSTALL_STAMP)
 	$(PY) bench/bench_optim.py
 
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
 lint: $(DEPS_STAMP)
 	$(PY) -m ruff check python tests bench
 	$(PY) -m ruff format --check python tests bench
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(DEPS_STAMP)
+	$(PY) -m ruff format python tests bench
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 # On a CUDA machine with torch already installed (no downloads): build in place, run the CUDA
 # tests and benchmarks, write results under $$OUT (default bench/results).

@@ -34,12 +34,12 @@ const char* cpu_isa_name(CpuIsa isa);
 #else
 #define MTLCORE_ISA_CASE_AVX2(table)
 #endif
-#define MTLCORE_ISA_SELECT(table)       \
-  do {                                  \
-    switch (::mtlcore::cpu_isa()) {     \
-      MTLCORE_ISA_CASE_AVX512(table)    \
-      MTLCORE_ISA_CASE_AVX2(table)      \
-      default:                          \
+#define MTLCORE_ISA_SELECT(table)           \
+  do {                                      \
+    switch (::mtlcore::cpu_isa()) {         \
+      MTLCORE_ISA_CASE_AVX512(table)        \
+      MTLCORE_ISA_CASE_AVX2(table)          \
+      default:                              \
         return ::mtlcore::cpu::base::table; \
-    }                                   \
+    }                                       \
   } while (0)

@@ -13,8 +13,8 @@ bool finite_nonneg(double v) { return std::isfinite(v) && v >= 0.0; }
 
 void check_sgd_options(const SgdOptions& o) {
   TORCH_CHECK_VALUE(finite_nonneg(o.lr), "mtlcore.sgd_: lr must be finite and >= 0, got ", o.lr);
-  TORCH_CHECK_VALUE(finite_nonneg(o.momentum), "mtlcore.sgd_: momentum must be finite and >= 0, got ",
-                    o.momentum);
+  TORCH_CHECK_VALUE(finite_nonneg(o.momentum),
+                    "mtlcore.sgd_: momentum must be finite and >= 0, got ", o.momentum);
   TORCH_CHECK_VALUE(std::isfinite(o.dampening), "mtlcore.sgd_: dampening must be finite, got ",
                     o.dampening);
   TORCH_CHECK_VALUE(finite_nonneg(o.weight_decay),
@@ -30,7 +30,8 @@ void check_adam_options(const AdamOptions& o) {
                     "mtlcore.adam_: beta1 must be in [0, 1), got ", o.beta1);
   TORCH_CHECK_VALUE(std::isfinite(o.beta2) && o.beta2 >= 0.0 && o.beta2 < 1.0,
                     "mtlcore.adam_: beta2 must be in [0, 1), got ", o.beta2);
-  TORCH_CHECK_VALUE(finite_nonneg(o.eps), "mtlcore.adam_: eps must be finite and >= 0, got ", o.eps);
+  TORCH_CHECK_VALUE(finite_nonneg(o.eps), "mtlcore.adam_: eps must be finite and >= 0, got ",
+                    o.eps);
   TORCH_CHECK_VALUE(finite_nonneg(o.weight_decay),
                     "mtlcore.adam_: weight_decay must be finite and >= 0, got ", o.weight_decay);
 }
@@ -57,14 +58,15 @@ void check_tensor_lists(const char* op, const std::vector<NamedList>& lists,
       for (auto s : allowed) ok_dtype = ok_dtype || t.scalar_type() == s;
       TORCH_CHECK_TYPE(ok_dtype, op, ": ", l.name, "[", i, "] has dtype ", t.scalar_type(),
                        ", which this device does not support");
-      TORCH_CHECK_TYPE(t.scalar_type() == ref.tensors[0].scalar_type(), op, ": ", l.name, "[",
-                       i, "] has dtype ", t.scalar_type(), " but ", ref.name, "[0] has ",
+      TORCH_CHECK_TYPE(t.scalar_type() == ref.tensors[0].scalar_type(), op, ": ", l.name, "[", i,
+                       "] has dtype ", t.scalar_type(), " but ", ref.name, "[0] has ",
                        ref.tensors[0].scalar_type(),
                        "; one call updates tensors of one dtype (group them by dtype)");
-      TORCH_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ",
-                        t.sizes(), " but ", ref.name, "[", i, "] has shape ", p.sizes());
+      TORCH_CHECK_VALUE(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
+                        " but ", ref.name, "[", i, "] has shape ", p.sizes());
       if (l.mutated) {
-        TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", l.name, "[", i,
+        TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", l.name, "[",
+                          i,
                           "] has elements that share memory (an expanded view); it cannot be "
                           "updated in place");
       }

@@ -97,15 +97,14 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               const std::optional<at::Tensor>& grad_scale,
               const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "mtlcore.adam_";
-  const AdamOptions o{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                      decoupled_weight_decay};
-  const auto lists = check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                     state_steps, o, grad_scale, found_inf,
-                                     {at::kFloat, at::kDouble});
+  const AdamOptions o{lr,           beta1,   beta2,    eps,
+                      weight_decay, amsgrad, maximize, decoupled_weight_decay};
+  const auto lists =
+      check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, o,
+                      grad_scale, found_inf, {at::kFloat, at::kDouble});
   if (params.empty() || skip_step(found_inf)) return;
 
-  const AdamLoopArgs args{o, grad_scale.has_value(),
-                          grad_scale ? scalar_value(*grad_scale) : 1.0};
+  const AdamLoopArgs args{o, grad_scale.has_value(), grad_scale ? scalar_value(*grad_scale) : 1.0};
   std::vector<AdamStepScalars> per_tensor(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const double step = scalar_value(state_steps[i]);
@@ -118,8 +117,8 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     using T = decltype(tag);
     for_each_range(d, [&](size_t i, int64_t b, int64_t e) {
       T* vmax = amsgrad ? ptr<T>(d, 4, i) + b : nullptr;
-      loop(ptr<T>(d, 0, i) + b, ptr<T>(d, 1, i) + b, ptr<T>(d, 2, i) + b, ptr<T>(d, 3, i) + b,
-           vmax, e - b, args, per_tensor[i]);
+      loop(ptr<T>(d, 0, i) + b, ptr<T>(d, 1, i) + b, ptr<T>(d, 2, i) + b, ptr<T>(d, 3, i) + b, vmax,
+           e - b, args, per_tensor[i]);
     });
   };
   if (params[0].scalar_type() == at::kFloat) {

@@ -83,7 +83,8 @@ template <typename T>
 void sgd(T* p, T* g, T* buf, int64_t n, const SgdLoopArgs& a) {
   const bool decay = a.opt.weight_decay != 0.0;
   if (a.has_grad_scale) {
-    decay ? sgd_momentum<T, true, true>(p, g, buf, n, a) : sgd_momentum<T, true, false>(p, g, buf, n, a);
+    decay ? sgd_momentum<T, true, true>(p, g, buf, n, a)
+          : sgd_momentum<T, true, false>(p, g, buf, n, a);
   } else {
     decay ? sgd_momentum<T, false, true>(p, g, buf, n, a)
           : sgd_momentum<T, false, false>(p, g, buf, n, a);

@@ -26,7 +26,7 @@ struct AdamLoopArgs {
 
 // Per-tensor values derived from its step count, in double as torch.optim computes them.
 struct AdamStepScalars {
-  double step_size;             // lr / (1 - beta1^step)
+  double step_size;              // lr / (1 - beta1^step)
   double bias_correction2_sqrt;  // sqrt(1 - beta2^step)
 };
 

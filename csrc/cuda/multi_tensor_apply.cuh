@@ -75,11 +75,11 @@ constexpr int mta_scalar_ilp(size_t elem_size, int depth) {
 template <int D>
 struct MtaMeta {
   static constexpr int kMaxTensors = mta_max_tensors(D);
-  void* ptr[D][kMaxTensors];          // first element of this launch's part of each group
-  int64_t numel[kMaxTensors];         // elements of that part
-  const void* extra[kMaxTensors];     // per-group extra pointer (may be null)
-  int32_t block_end[kMaxTensors];     // blocks of groups 0..t together (inclusive prefix sum)
-  uint8_t extra_tag[kMaxTensors];     // per-group tag describing *extra
+  void* ptr[D][kMaxTensors];       // first element of this launch's part of each group
+  int64_t numel[kMaxTensors];      // elements of that part
+  const void* extra[kMaxTensors];  // per-group extra pointer (may be null)
+  int32_t block_end[kMaxTensors];  // blocks of groups 0..t together (inclusive prefix sum)
+  uint8_t extra_tag[kMaxTensors];  // per-group tag describing *extra
   int32_t num_tensors;
 };
 

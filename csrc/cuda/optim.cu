@@ -4,9 +4,8 @@
 // Data layout. The argument checks and DenseLists (common/optim_args.h) turn index i of the
 // op's lists into dense arrays laid out alike (contiguous copies, written back at the end,
 // for the rare group that is not), so element k of params[i] pairs with element k of
-// grads[i] and of each state. Groups are split by dtype (a call may mix float, double, half
-// and bfloat16 parameters) and each dtype runs through multi_tensor_apply (see
-// multi_tensor_apply.cuh); groups with no elements are skipped.
+// grads[i] and of each state. All tensors of a call share one dtype (checked) and run
+// through multi_tensor_apply (see multi_tensor_apply.cuh); empty tensors are skipped.
 //
 // Parallel split. One CUDA block per (group, 64K-element chunk), 512 threads striding over
 // the chunk's elements with 16-byte vector accesses; one launch covers many groups. The
@@ -54,14 +53,14 @@ using cuda::MtaTensor;
 // intrinsics on the device (no contraction into FMA, IEEE division and square root whatever the
 // flags), the plain operators on the host.
 #ifdef __CUDA_ARCH__
-#define MTLCORE_RN_BINARY(name, op, float_rn, double_rn)                     \
-  MTLCORE_HD float name(float a, float b) { return float_rn(a, b); }      \
+#define MTLCORE_RN_BINARY(name, op, float_rn, double_rn)             \
+  MTLCORE_HD float name(float a, float b) { return float_rn(a, b); } \
   MTLCORE_HD double name(double a, double b) { return double_rn(a, b); }
 MTLCORE_HD float op_sqrt(float a) { return __fsqrt_rn(a); }
 MTLCORE_HD double op_sqrt(double a) { return __dsqrt_rn(a); }
 #else
-#define MTLCORE_RN_BINARY(name, op, float_rn, double_rn)                \
-  MTLCORE_HD float name(float a, float b) { return a op b; }         \
+#define MTLCORE_RN_BINARY(name, op, float_rn, double_rn)     \
+  MTLCORE_HD float name(float a, float b) { return a op b; } \
   MTLCORE_HD double name(double a, double b) { return a op b; }
 MTLCORE_HD float op_sqrt(float a) { return ::sqrtf(a); }
 MTLCORE_HD double op_sqrt(double a) { return ::sqrt(a); }
@@ -92,9 +91,9 @@ MTLCORE_HD double read_step(const void* p, uint8_t tag) {
 // ---------------------------------------------------------------------------------------
 
 enum SgdMode : int {
-  kNoMomentum = 0,     // momentum == 0: buffers unused
-  kFirstStep = 1,      // buffers written (b = g), not read
-  kMomentumStep = 2,   // buffers read and written
+  kNoMomentum = 0,    // momentum == 0: buffers unused
+  kFirstStep = 1,     // buffers written (b = g), not read
+  kMomentumStep = 2,  // buffers read and written
 };
 
 template <typename T>
@@ -127,7 +126,7 @@ struct SgdOp {
     if constexpr (kScale) scale = static_cast<T>(*grad_scale);
     if (inf != 0.0f) return;
     const SgdScalars<T> k = s;
-    cuda::mta_for_each<kRead, kWrite>(c, tid, [&](T (&x)[kDepth]) {
+    cuda::mta_for_each<kRead, kWrite>(c, tid, [&](T(&x)[kDepth]) {
       const T p = x[0];
       T g = x[1];
       if constexpr (kScale) {
@@ -196,7 +195,7 @@ struct AdamOp {
     const double bias_correction1 = 1.0 - ::pow(k.beta1, step);
     const T step_size = static_cast<T>(k.lr / bias_correction1);
     const T bias_correction2_sqrt = static_cast<T>(::sqrt(1.0 - ::pow(k.beta2, step)));
-    cuda::mta_for_each<kRead, kWrite>(c, tid, [&](T (&x)[kDepth]) {
+    cuda::mta_for_each<kRead, kWrite>(c, tid, [&](T(&x)[kDepth]) {
       T p = x[0];
       T g = x[1];
       if constexpr (kScale) {
@@ -237,20 +236,14 @@ const std::vector<at::ScalarType>& cuda_dtypes() {
   return d;
 }
 
-// Indices of the groups with elements, by dtype, in first-seen order.
-std::vector<std::pair<at::ScalarType, std::vector<size_t>>> groups_by_dtype(at::TensorList params) {
-  std::vector<std::pair<at::ScalarType, std::vector<size_t>>> out;
+// Indices of the tensors with elements: the kernels skip empty ones.
+std::vector<size_t> nonempty(at::TensorList params) {
+  std::vector<size_t> idx;
+  idx.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    if (params[i].numel() == 0) continue;
-    const at::ScalarType t = params[i].scalar_type();
-    auto it = std::find_if(out.begin(), out.end(), [&](const auto& e) { return e.first == t; });
-    if (it == out.end()) {
-      out.emplace_back(t, std::vector<size_t>{});
-      it = out.end() - 1;
-    }
-    it->second.push_back(i);
+    if (params[i].numel() > 0) idx.push_back(i);
   }
-  return out;
+  return idx;
 }
 
 // Runs op over groups `idx` of the dense lists (list d = array d of the op); `steps`, when
@@ -265,8 +258,8 @@ void run_op(const DenseLists& dense, const std::vector<size_t>& idx, const Op& o
     MtaTensor<D> g{};
     for (int d = 0; d < D; ++d) {
       const at::Tensor& t = dense.get(static_cast<size_t>(d), i);
-      g.ptr[d] = ((Op::kWrite >> d) & 1u) ? t.mutable_data_ptr()
-                                          : const_cast<void*>(t.const_data_ptr());
+      g.ptr[d] =
+          ((Op::kWrite >> d) & 1u) ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
     }
     g.numel = dense.get(0, i).numel();
     if (!steps.empty()) {
@@ -319,36 +312,35 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   TORCH_CHECK_VALUE(device.is_cuda(), "mtlcore.sgd_: the CUDA kernel got parameters on ", device);
   const bool use_momentum = momentum != 0.0;
 
-  const auto groups = groups_by_dtype(params);
-  if (groups.empty()) return;
+  const std::vector<size_t> idx = nonempty(params);
+  if (idx.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
   DenseLists dense(lists);
   const float* fi = optional_float_ptr(found_inf);
   const float* gs = optional_float_ptr(grad_scale);
   const int mode = !use_momentum ? kNoMomentum : is_first_step ? kFirstStep : kMomentumStep;
-  for (const auto& [dtype, idx] : groups) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mtlcore.sgd_", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const SgdScalars<T> s{static_cast<T>(lr),
-                            static_cast<T>(momentum),
-                            static_cast<T>(1.0 - dampening),
-                            static_cast<T>(weight_decay),
-                            weight_decay != 0.0,
-                            nesterov,
-                            maximize};
-      switch (mode) {
-        case kNoMomentum:
-          run_sgd<scalar_t, kNoMomentum>(dense, idx, s, fi, gs);
-          break;
-        case kFirstStep:
-          run_sgd<scalar_t, kFirstStep>(dense, idx, s, fi, gs);
-          break;
-        default:
-          run_sgd<scalar_t, kMomentumStep>(dense, idx, s, fi, gs);
-          break;
-      }
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "mtlcore.sgd_",
+                                  [&] {
+                                    using T = at::opmath_type<scalar_t>;
+                                    const SgdScalars<T> s{static_cast<T>(lr),
+                                                          static_cast<T>(momentum),
+                                                          static_cast<T>(1.0 - dampening),
+                                                          static_cast<T>(weight_decay),
+                                                          weight_decay != 0.0,
+                                                          nesterov,
+                                                          maximize};
+                                    switch (mode) {
+                                      case kNoMomentum:
+                                        run_sgd<scalar_t, kNoMomentum>(dense, idx, s, fi, gs);
+                                        break;
+                                      case kFirstStep:
+                                        run_sgd<scalar_t, kFirstStep>(dense, idx, s, fi, gs);
+                                        break;
+                                      default:
+                                        run_sgd<scalar_t, kMomentumStep>(dense, idx, s, fi, gs);
+                                        break;
+                                    }
+                                  });
   dense.write_back();
 }
 
@@ -366,35 +358,34 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   const c10::Device device = params[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), "mtlcore.adam_: the CUDA kernel got parameters on ", device);
 
-  const auto groups = groups_by_dtype(params);
-  if (groups.empty()) return;
+  const std::vector<size_t> idx = nonempty(params);
+  if (idx.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
   DenseLists dense(lists);
   const float* fi = optional_float_ptr(found_inf);
   const float* gs = optional_float_ptr(grad_scale);
-  for (const auto& [dtype, idx] : groups) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mtlcore.adam_", [&] {
-      using T = at::opmath_type<scalar_t>;
-      const AdamScalars<T> s{lr,
-                             beta1,
-                             beta2,
-                             static_cast<T>(beta1),
-                             static_cast<T>(1.0 - beta1),
-                             static_cast<T>(beta2),
-                             static_cast<T>(1.0 - beta2),
-                             static_cast<T>(eps),
-                             static_cast<T>(weight_decay),
-                             static_cast<T>(1.0 - lr * weight_decay),
-                             weight_decay != 0.0,
-                             decoupled_weight_decay,
-                             maximize};
-      if (amsgrad) {
-        run_adam<scalar_t, true>(dense, idx, s, fi, gs, state_steps);
-      } else {
-        run_adam<scalar_t, false>(dense, idx, s, fi, gs, state_steps);
-      }
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "mtlcore.adam_", [&] {
+                                    using T = at::opmath_type<scalar_t>;
+                                    const AdamScalars<T> s{lr,
+                                                           beta1,
+                                                           beta2,
+                                                           static_cast<T>(beta1),
+                                                           static_cast<T>(1.0 - beta1),
+                                                           static_cast<T>(beta2),
+                                                           static_cast<T>(1.0 - beta2),
+                                                           static_cast<T>(eps),
+                                                           static_cast<T>(weight_decay),
+                                                           static_cast<T>(1.0 - lr * weight_decay),
+                                                           weight_decay != 0.0,
+                                                           decoupled_weight_decay,
+                                                           maximize};
+                                    if (amsgrad) {
+                                      run_adam<scalar_t, true>(dense, idx, s, fi, gs, state_steps);
+                                    } else {
+                                      run_adam<scalar_t, false>(dense, idx, s, fi, gs, state_steps);
+                                    }
+                                  });
   dense.write_back();
 }
 
