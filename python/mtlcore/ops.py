@@ -16,7 +16,8 @@ from torch import Tensor
 __all__ = ["adam_", "sgd_"]
 
 
-def _as_float(name: str, value: float | Tensor) -> float:
+def as_float(name: str, value: float | Tensor) -> float:
+    """A hyperparameter given as a number or a one-element tensor, as a Python float."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor")
@@ -78,7 +79,7 @@ def sgd_(
         list(params),
         list(grads),
         list(momentum_buffers),
-        lr=_as_float("lr", lr),
+        lr=as_float("lr", lr),
         momentum=float(momentum),
         dampening=float(dampening),
         weight_decay=float(weight_decay),
@@ -154,9 +155,9 @@ def adam_(
         list(exp_avg_sqs),
         list(max_exp_avg_sqs),
         list(state_steps),
-        lr=_as_float("lr", lr),
-        beta1=_as_float("beta1", beta1),
-        beta2=_as_float("beta2", beta2),
+        lr=as_float("lr", lr),
+        beta1=as_float("beta1", beta1),
+        beta2=as_float("beta2", beta2),
         eps=float(eps),
         weight_decay=float(weight_decay),
         amsgrad=bool(amsgrad),

@@ -111,7 +111,3 @@ def reject_unsupported(name: str, **flags: bool) -> None:
     for flag, value in flags.items():
         if value:
             raise ValueError(f"mtlcore.optim.{name} does not support {flag}=True")
-
-
-def as_float(value: float | Tensor) -> float:
-    return float(value.item()) if isinstance(value, Tensor) else float(value)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlcore.ops import as_float
 from mtlcore.optim._common import (
-    as_float,
     hooked_step,
     params_with_grads,
     reject_unsupported,
@@ -43,9 +43,9 @@ def _adam_step(optimizer: torch.optim.Optimizer, name: str, closure: Callable[[]
                 [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                 steps,
-                lr=as_float(group["lr"]),
-                beta1=as_float(beta1),
-                beta2=as_float(beta2),
+                lr=as_float("lr", group["lr"]),
+                beta1=as_float("beta1", beta1),
+                beta2=as_float("beta2", beta2),
                 eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]),
                 amsgrad=amsgrad,

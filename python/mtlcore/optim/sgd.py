@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtlcore.ops import as_float
 from mtlcore.optim._common import (
-    as_float,
     hooked_step,
     params_with_grads,
     reject_unsupported,
@@ -75,10 +75,10 @@ class SGD(torch.optim.SGD):
         grad_scale, found_inf = scaler_tensors(self, params[0].device)
         momentum = float(group["momentum"])
         kwargs = dict(
-            lr=as_float(group["lr"]),
+            lr=as_float("lr", group["lr"]),
             momentum=momentum,
             dampening=float(group["dampening"]),
-            weight_decay=as_float(group["weight_decay"]),
+            weight_decay=as_float("weight_decay", group["weight_decay"]),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
             grad_scale=grad_scale,
