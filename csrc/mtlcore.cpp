@@ -10,6 +10,28 @@
 #include "common/cpu_isa.h"
 
 TORCH_LIBRARY(mtlcore, m) {
+  // act(conv2d(input, weight, bias)) in one pass: the bias and the activation are applied to
+  // each output tile before it is stored. padding: (pad_h, pad_w) or (top, bottom, left, right).
+  // activation: identity, relu, leaky_relu, gelu, gelu_tanh, silu, sigmoid, tanh. The output is
+  // contiguous NCHW.
+  m.def(
+      "conv2d_act(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "int[] dilation, int groups, str activation, float negative_slope) -> Tensor");
+  // The same, also returning the pre-activation conv2d(input, weight, bias), which the backward
+  // of gelu, gelu_tanh, silu (and leaky_relu with a negative slope) needs; both contiguous.
+  m.def(
+      "conv2d_act_with_preact(Tensor input, Tensor weight, Tensor? bias, int[] stride, "
+      "int[] padding, int[] dilation, int groups, str activation, float negative_slope) -> "
+      "(Tensor output, Tensor preact)");
+  // Gradients of conv2d_act. saved is the forward's output, or its pre-activation for the
+  // activations that need it. The activation derivative and the bias reduction are fused into
+  // the first pass over grad_output. output_mask says which of (grad_input, grad_weight,
+  // grad_bias) to compute; the others come back as empty tensors.
+  m.def(
+      "conv2d_act_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
+      "int[] stride, int[] padding, int[] dilation, int groups, str activation, "
+      "float negative_slope, bool[3] output_mask) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Fused SGD update (torch.optim.SGD arithmetic) over lists of tensors, in place.
   // grads are written (divided by grad_scale) only when grad_scale is given, as torch's fused
   // optimizers do; with momentum == 0, momentum_buffers may be empty.

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch  # loads libtorch before the extension that links against it
 
-from mtlcore import _C, ops, optim, reference
+from mtlcore import _C, nn, ops, optim, reference
 
-__all__ = ["__version__", "build_info", "ops", "optim", "reference"]
+__all__ = ["__version__", "build_info", "nn", "ops", "optim", "reference"]
 
 
 def build_info() -> dict[str, object]:

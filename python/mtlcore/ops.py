@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
-__all__ = ["adam_", "sgd_"]
+__all__ = ["ACTIVATIONS", "adam_", "conv2d_act", "sgd_"]
 
 
 def as_float(name: str, value: float | Tensor) -> float:
@@ -173,3 +174,213 @@ def _adam_fake(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs
 ) -> None:
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d_act
+# --------------------------------------------------------------------------------------------
+
+#: The activations conv2d_act fuses (gelu is the exact erf form, gelu_tanh the tanh one).
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+
+
+def check_activation(activation: str) -> None:
+    """Raises ValueError unless ``activation`` is one of :data:`ACTIVATIONS`."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"mtlcore.conv2d_act: unknown activation {activation!r}; expected one of "
+            + ", ".join(ACTIVATIONS)
+        )
+
+
+def needs_preactivation(activation: str, negative_slope: float) -> bool:
+    """Whether the backward of ``activation`` needs the pre-activation rather than the output
+    (the derivatives of identity, relu, leaky_relu with a slope >= 0, sigmoid and tanh are
+    functions of the output)."""
+    return activation in ("gelu", "gelu_tanh", "silu") or (
+        activation == "leaky_relu" and negative_slope < 0
+    )
+
+
+def conv_padding(
+    padding: int | Sequence[int] | str,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+) -> list[int]:
+    """``padding`` as the op's four values (top, bottom, left, right).
+
+    Accepts what ``F.conv2d`` accepts: an int, a pair, ``"valid"`` (no padding) or ``"same"``
+    (output size = input size; stride 1 only; an even dilated kernel extent pads one more at
+    the bottom/right, as PyTorch does).
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding != "same":
+            raise ValueError(
+                f"mtlcore.conv2d_act: padding must be an int, a pair, 'valid' or 'same', "
+                f"got {padding!r}"
+            )
+        if any(s != 1 for s in stride):
+            raise ValueError("mtlcore.conv2d_act: padding='same' needs stride 1")
+        out = []
+        for k, d in zip(kernel_size, dilation, strict=True):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return out
+    ph, pw = _pair(padding)
+    return [int(ph), int(ph), int(pw), int(pw)]
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype conv2d_act computes in under autocast on ``device_type`` (None: no autocast).
+    CUDA follows the autocast dtype (fp16/bf16 kernels, fp32 accumulation); the CPU kernels
+    compute in float32, so bf16 inputs are upcast and the output is float32."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+
+
+def conv2d_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """``act(F.conv2d(input, weight, bias, stride, padding, dilation, groups))`` in one kernel.
+
+    The bias and the activation are applied to each output tile before it is stored; the
+    backward applies the activation's derivative and reduces the bias gradient in its first
+    pass over the output gradient, then computes only the gradients that are needed.
+
+    Args:
+        input: ``[N, C, H, W]``, any strides (NCHW, channels_last, views).
+        weight: ``[K, C / groups, R, S]``. bias: ``[K]`` or None.
+        stride, dilation: int or pair. padding: int, pair, ``"valid"`` or ``"same"``.
+        groups: number of channel groups (``groups == C``: depthwise).
+        activation: one of :data:`ACTIVATIONS`; ``negative_slope`` is leaky_relu's.
+
+    Returns a new contiguous NCHW tensor. dtypes: float32/float64 on CPU; float32, float16,
+    bfloat16, float64 on CUDA (fp32 accumulation). Under ``torch.autocast`` CUDA computes in the
+    autocast dtype and the CPU in float32 (bf16 inputs are upcast; the output is float32).
+
+    Memory kept for backward: input and weight (as autograd keeps them for F.conv2d) plus one
+    output-sized tensor: the output itself for identity, relu, leaky_relu (slope >= 0), sigmoid
+    and tanh, or the pre-activation for gelu, gelu_tanh and silu.
+    """
+    check_activation(activation)
+    stride_ = [int(v) for v in _pair(stride)]
+    dilation_ = [int(v) for v in _pair(dilation)]
+    kernel = list(weight.shape[-2:]) if weight.dim() == 4 else [1, 1]
+    padding_ = conv_padding(padding, kernel, stride_, dilation_)
+    cast = _autocast_dtype(input.device.type)
+    if cast is not None and input.is_floating_point():
+        input, weight = input.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+    args = (input, weight, bias, stride_, padding_, dilation_, int(groups), activation)
+    slope = float(negative_slope)
+    wants_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    if wants_grad and needs_preactivation(activation, slope):
+        return torch.ops.mtlcore.conv2d_act_with_preact(*args, slope)[0]
+    return torch.ops.mtlcore.conv2d_act(*args, slope)
+
+
+def _conv_output_shape(input: Tensor, weight: Tensor, stride, padding, dilation) -> list:
+    """[N, K, OH, OW] of conv2d_act for the op's arguments (padding: 2 or 4 values)."""
+    top, bottom, left, right = padding if len(padding) == 4 else [padding[0]] * 2 + [padding[1]] * 2
+    extent_h = dilation[0] * (weight.shape[2] - 1) + 1
+    extent_w = dilation[1] * (weight.shape[3] - 1) + 1
+    oh = (input.shape[2] + top + bottom - extent_h) // stride[0] + 1
+    ow = (input.shape[3] + left + right - extent_w) // stride[1] + 1
+    return [input.shape[0], weight.shape[0], oh, ow]
+
+
+@torch.library.register_fake("mtlcore::conv2d_act")
+def _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, activation, slope):
+    torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "input and weight must be 4-d")
+    shape = _conv_output_shape(input, weight, stride, padding, dilation)
+    return input.new_empty(shape)
+
+
+@torch.library.register_fake("mtlcore::conv2d_act_with_preact")
+def _conv2d_act_with_preact_fake(
+    input, weight, bias, stride, padding, dilation, groups, activation, slope
+):
+    out = _conv2d_act_fake(input, weight, bias, stride, padding, dilation, groups, activation, 0.0)
+    return out, torch.empty_like(out)
+
+
+@torch.library.register_fake("mtlcore::conv2d_act_backward")
+def _conv2d_act_backward_fake(
+    grad_output, input, weight, saved, stride, padding, dilation, groups, activation, slope, mask
+):
+    empty = input.new_empty([0])
+    grad_input = input.new_empty(input.shape)
+    grad_weight = weight.new_empty(weight.shape)
+    grad_bias = weight.new_empty([weight.shape[0]])
+    return (
+        grad_input if mask[0] else empty,
+        grad_weight if mask[1] else empty,
+        grad_bias if mask[2] else empty,
+    )
+
+
+def _conv2d_act_setup(ctx, inputs, output) -> None:
+    input, weight, bias, stride, padding, dilation, groups, activation, slope = inputs
+    if isinstance(output, tuple):  # conv2d_act_with_preact: (output, preact)
+        out, preact = output
+        ctx.mark_non_differentiable(preact)
+        saved = preact if needs_preactivation(activation, slope) else out
+        ctx.recompute = False
+    else:
+        # conv2d_act called directly with an activation whose backward needs the
+        # pre-activation: it is recomputed in backward (mtlcore.ops.conv2d_act avoids this).
+        ctx.recompute = needs_preactivation(activation, slope)
+        saved = None if ctx.recompute else output
+    ctx.conv = (stride, padding, dilation, groups, activation, slope)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, bias if ctx.recompute else None, saved)
+
+
+def _conv2d_act_backward(ctx, grad_output, *unused):
+    input, weight, bias, saved = ctx.saved_tensors
+    stride, padding, dilation, groups, activation, slope = ctx.conv
+    if ctx.recompute:
+        saved = torch.ops.mtlcore.conv2d_act(
+            input, weight, bias, stride, padding, dilation, groups, "identity", 0.0
+        )
+    mask = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
+    ]
+    grads = torch.ops.mtlcore.conv2d_act_backward(
+        grad_output,
+        input,
+        weight,
+        saved,
+        stride,
+        padding,
+        dilation,
+        groups,
+        activation,
+        slope,
+        mask,
+    )
+    return tuple(g if m else None for g, m in zip(grads, mask, strict=True)) + (None,) * 6
+
+
+torch.library.register_autograd(
+    "mtlcore::conv2d_act", _conv2d_act_backward, setup_context=_conv2d_act_setup
+)
+torch.library.register_autograd(
+    "mtlcore::conv2d_act_with_preact", _conv2d_act_backward, setup_context=_conv2d_act_setup
+)

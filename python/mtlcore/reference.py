@@ -10,9 +10,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["adam_", "sgd_"]
+__all__ = ["adam_", "apply_activation", "conv2d_act", "sgd_"]
 
 
 def _skip(found_inf: Tensor | None) -> bool:
@@ -104,3 +105,41 @@ def adam_(
             max_exp_avg_sqs[i].copy_(v)
         denom = v.sqrt() / bias_correction2_sqrt + eps
         p.copy_(pv - m * step_size / denom)
+
+
+def apply_activation(z: Tensor, name: str, negative_slope: float = 0.01) -> Tensor:
+    """The activation ``name`` of :data:`mtlcore.ops.ACTIVATIONS` applied to ``z``."""
+    if name == "identity":
+        return z
+    if name == "relu":
+        return F.relu(z)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "silu":
+        return F.silu(z)
+    if name == "sigmoid":
+        return torch.sigmoid(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def conv2d_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """``act(F.conv2d(...))``: the composition :func:`mtlcore.ops.conv2d_act` fuses
+    (differentiable through autograd)."""
+    z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return apply_activation(z, activation, negative_slope)

@@ -1,0 +1,459 @@
+// mtlcore.conv2d_act on the CPU: argument checks, allocation and the split over threads. The
+// arithmetic is in conv2d_act_kernels.cpp (compiled per ISA, chosen at run time).
+//
+// Layout. input [N, C, H, W] is read through its strides (NCHW, channels_last and views alike);
+//   weight and bias are made contiguous (small). Outputs are new contiguous NCHW tensors.
+// Parallel split (one at::parallel_for per product, torch.set_num_threads governs it):
+//   forward and grad_input: jobs = (image, group, block of up to 8 pixel panels), at least
+//     four jobs per thread when the problem allows; every output element is computed by one
+//     job, so the result does not depend on the thread count;
+//   first backward pass: one job per (image, channel) plane: g = grad_output * act'(saved) in
+//     a zero-padded row layout, and the plane's bias-gradient sum (in double); planes are then
+//     summed per channel in image order;
+//   grad_weight: jobs = (image split, group, band of depth rows). The number of image splits
+//     depends only on the shapes (1, or up to 4 when there are few depth bands) and their
+//     partial sums are added in split order, so grad_weight does not depend on the thread
+//     count either.
+// Memory. The forward keeps nothing besides its outputs. The backward allocates G (the size of
+//   grad_output, rows padded to the vector width), the weights rearranged and packed, and one
+//   small workspace per thread; grad_weight adds partial sums of up to 4 weight-sized buffers.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <vector>
+
+#include "common/conv2d_act_args.h"
+#include "common/cpu_isa.h"
+#include "cpu/conv2d_act_kernels.h"
+
+namespace mtlcore::cpu {
+
+namespace {
+
+const ConvKernelTable& kernel_table() { MTLCORE_ISA_SELECT(conv_kernels); }
+
+template <typename T>
+const ConvKernels<T>& kernels() {
+  if constexpr (std::is_same_v<T, float>) {
+    return kernel_table().f32;
+  } else {
+    return kernel_table().f64;
+  }
+}
+
+const std::vector<at::ScalarType> kDtypes = {at::kFloat, at::kDouble};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls fn(tag) with tag a value of the op's element type (float or double; checked before).
+template <typename Fn>
+void dispatch_float(const at::Tensor& t, const Fn& fn) {
+  if (t.scalar_type() == at::kFloat) {
+    fn(float{});
+  } else {
+    fn(double{});
+  }
+}
+
+// Packs `groups` row-major matrices a[g] ([m][depth], contiguous one after another) for gemm().
+template <typename T>
+at::Tensor pack_groups(const ConvKernels<T>& k, const T* a, int64_t groups, int64_t m,
+                       int64_t depth, const at::TensorOptions& options) {
+  const int64_t size = k.packed_a_size(m, depth);
+  at::Tensor packed = at::empty({groups * size}, options);
+  T* dst = packed.data_ptr<T>();
+  at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) k.pack_a(a + g * m * depth, depth, m, depth, dst + g * size);
+  });
+  return packed;
+}
+
+// Calls fn(n, g, p_begin, p_end, workspace) for every (image, group, pixel block) of a problem
+// with `pixels` output pixels per image, the blocks spread over the threads.
+template <typename T, typename Fn>
+void for_each_gemm_job(const ConvKernels<T>& k, int64_t images, int64_t groups, int64_t pixels,
+                       const Fn& fn) {
+  const int64_t panels = ceil_div(pixels, k.nr);
+  const int64_t per_image = images * groups;
+  int64_t blocks = ceil_div(panels, 8);
+  const int64_t wanted = 4 * at::get_num_threads();
+  if (per_image * blocks < wanted) blocks = std::min(panels, ceil_div(wanted, per_image));
+  at::parallel_for(0, per_image * blocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> workspace(k.workspace);
+    for (int64_t job_index = lo; job_index < hi; ++job_index) {
+      const int64_t blk = job_index % blocks, ng = job_index / blocks;
+      const int64_t p_begin = blk * panels / blocks * k.nr;
+      const int64_t p_end = std::min(pixels, (blk + 1) * panels / blocks * k.nr);
+      if (p_begin < p_end) fn(ng / groups, ng % groups, p_begin, p_end, workspace.data());
+    }
+  });
+}
+
+// A zero-padded copy of a [n, c, h, w] array (element strides `st`) as [n, c, h + top + bottom,
+// w + left + right] rows, plus `slack` zero elements at the end, for direct_gemm().
+template <typename T>
+at::Tensor pad_images(const T* src, std::array<int64_t, 4> st, int64_t n, int64_t c, int64_t h,
+                      int64_t w, int64_t top, int64_t bottom, int64_t left, int64_t right,
+                      int64_t slack, const at::TensorOptions& options) {
+  const int64_t hp = h + top + bottom, wp = w + left + right, plane = hp * wp;
+  at::Tensor padded = at::empty({n * c * plane + slack}, options);
+  T* dst = padded.data_ptr<T>();
+  std::fill(dst + n * c * plane, dst + n * c * plane + slack, T(0));
+  at::parallel_for(0, n * c, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      T* out = dst + i * plane;
+      const T* in = src + (i / c) * st[0] + (i % c) * st[1];
+      std::fill(out, out + top * wp, T(0));
+      for (int64_t y = 0; y < h; ++y) {
+        T* row = out + (top + y) * wp;
+        std::fill(row, row + left, T(0));
+        const T* s = in + y * st[2];
+        if (st[3] == 1) {
+          std::copy(s, s + w, row + left);
+        } else {
+          for (int64_t x = 0; x < w; ++x) row[left + x] = s[x * st[3]];
+        }
+        std::fill(row + left + w, row + wp, T(0));
+      }
+      std::fill(out + (top + h) * wp, out + plane, T(0));
+    }
+  });
+  return padded;
+}
+
+// offsets[d] of depth index d = (chan, ry, sx) in a padded image of hp x wp planes.
+std::vector<int64_t> window_offsets(int64_t chans, int64_t r, int64_t s, int64_t hp, int64_t wp,
+                                    int64_t dil_h, int64_t dil_w) {
+  std::vector<int64_t> offsets;
+  offsets.reserve(chans * r * s);
+  for (int64_t c = 0; c < chans; ++c) {
+    for (int64_t y = 0; y < r; ++y) {
+      for (int64_t x = 0; x < s; ++x) offsets.push_back(c * hp * wp + y * dil_h * wp + x * dil_w);
+    }
+  }
+  return offsets;
+}
+
+std::array<int64_t, 4> strides4(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// The forward's B operand (input windows) for image n and group g, read through the strides.
+template <typename T>
+Gather<T> input_gather(const Conv2dParams& p, const at::Tensor& input, const T* x, int64_t n,
+                       int64_t g) {
+  const int64_t cg = p.c_per_group();
+  return {x + n * input.stride(0) + g * cg * input.stride(1),
+          input.stride(1),
+          input.stride(2),
+          input.stride(3),
+          p.h,
+          p.w,
+          p.ow,
+          cg,
+          p.r,
+          p.s,
+          p.stride_h,
+          -p.pad_top,
+          p.dil_h,
+          1,
+          p.stride_w,
+          -p.pad_left,
+          p.dil_w,
+          1};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           at::IntArrayRef stride, at::IntArrayRef padding,
+                                           at::IntArrayRef dilation, int64_t groups,
+                                           c10::string_view activation, double negative_slope,
+                                           bool with_preact) {
+  const Conv2dParams p =
+      check_conv2d_act_args("mtlcore.conv2d_act", input, weight, bias, stride, padding, dilation,
+                            groups, activation, negative_slope, kDtypes);
+  at::Tensor out = at::empty(p.output_sizes(), input.options());
+  at::Tensor preact =
+      at::empty(with_preact ? p.output_sizes() : std::vector<int64_t>{0}, input.options());
+  if (out.numel() == 0) return {out, preact};
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+
+  dispatch_float(input, [&](auto tag) {
+    using T = decltype(tag);
+    const ConvKernels<T>& k = kernels<T>();
+    const int64_t kg = p.k_per_group(), cg = p.c_per_group(), depth = p.depth();
+    const int64_t pixels = p.oh * p.ow;
+    const at::Tensor packed = pack_groups(k, w.data_ptr<T>(), p.groups, kg, depth, w.options());
+    const int64_t packed_size = k.packed_a_size(kg, depth);
+    T* o = out.data_ptr<T>();
+    T* pre = with_preact ? preact.data_ptr<T>() : nullptr;
+    const T* bias_ptr = b.defined() ? b.data_ptr<T>() : nullptr;
+    const auto epilogue = [&](int64_t n, int64_t g) {
+      const int64_t offset = (n * p.k + g * kg) * pixels;
+      return Epilogue<T>{o + offset,   pre != nullptr ? pre + offset : nullptr,
+                         pixels,       bias_ptr != nullptr ? bias_ptr + g * kg : nullptr,
+                         p.activation, static_cast<T>(p.negative_slope)};
+    };
+    if (p.stride_w == 1) {
+      // Unit column stride: a zero-padded copy of the input, read in place by the micro-kernel.
+      const int64_t hp = p.h + p.pad_top + p.pad_bottom, wp = p.w + p.pad_left + p.pad_right;
+      const at::Tensor padded =
+          pad_images(input.data_ptr<T>(), strides4(input), p.n, p.c, p.h, p.w, p.pad_top,
+                     p.pad_bottom, p.pad_left, p.pad_right, k.nr, input.options());
+      const std::vector<int64_t> offsets = window_offsets(cg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
+      const T* xp = padded.data_ptr<T>();
+      for_each_gemm_job(k, p.n, p.groups, pixels,
+                        [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T*) {
+                          k.direct_gemm({packed.data_ptr<T>() + g * packed_size, kg, depth,
+                                         xp + (n * p.c + g * cg) * hp * wp, offsets.data(),
+                                         p.stride_h * wp, p.ow, pb, pe, epilogue(n, g)});
+                        });
+      return;
+    }
+    const T* x = input.data_ptr<T>();
+    for_each_gemm_job(k, p.n, p.groups, pixels,
+                      [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T* workspace) {
+                        GemmJob<T> job{};
+                        job.a_packed = packed.data_ptr<T>() + g * packed_size;
+                        job.m = kg;
+                        job.depth = depth;
+                        job.b = input_gather(p, input, x, n, g);
+                        job.p_begin = pb;
+                        job.p_end = pe;
+                        job.epilogue = epilogue(n, g);
+                        k.gemm(job, workspace);
+                      });
+  });
+  return {out, preact};
+}
+
+at::Tensor conv2d_act_cpu(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          c10::string_view activation, double negative_slope) {
+  return std::get<0>(forward(input, weight, bias, stride, padding, dilation, groups, activation,
+                             negative_slope, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_act_with_preact_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, double negative_slope) {
+  return forward(input, weight, bias, stride, padding, dilation, groups, activation, negative_slope,
+                 true);
+}
+
+// g = grad_output * act'(saved) as [N, K, row_len] (zero beyond oh * ow) and the bias
+// gradient (sum of g per channel) into grad_bias when it is defined.
+template <typename T>
+void activation_grad(const ConvKernels<T>& k, const Conv2dParams& p, const at::Tensor& grad_out,
+                     const at::Tensor& saved, int64_t row_len, T* g, at::Tensor& grad_bias) {
+  const int64_t pixels = p.oh * p.ow, planes = p.n * p.k;
+  std::vector<double> plane_sums(planes);
+  const T* go = grad_out.data_ptr<T>();
+  const T* sv = saved.data_ptr<T>();
+  at::parallel_for(0, planes, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t n = i / p.k, c = i % p.k;
+      T* row = g + i * row_len;
+      plane_sums[i] = k.activation_grad_plane(p.activation, static_cast<T>(p.negative_slope),
+                                              go + n * grad_out.stride(0) + c * grad_out.stride(1),
+                                              grad_out.stride(2), grad_out.stride(3),
+                                              sv + n * saved.stride(0) + c * saved.stride(1),
+                                              saved.stride(2), saved.stride(3), p.oh, p.ow, row);
+      std::fill(row + pixels, row + row_len, T(0));
+    }
+  });
+  if (!grad_bias.defined()) return;
+  T* db = grad_bias.data_ptr<T>();
+  for (int64_t c = 0; c < p.k; ++c) {
+    double sum = 0;
+    for (int64_t n = 0; n < p.n; ++n) sum += plane_sums[n * p.k + c];
+    db[c] = static_cast<T>(sum);
+  }
+}
+
+// grad_input = the transposed convolution of G with the weights.
+template <typename T>
+void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
+                const T* w, at::Tensor& grad_input) {
+  const int64_t kg = p.k_per_group(), cg = p.c_per_group(), rs = p.r * p.s;
+  const int64_t depth = kg * rs, pixels = p.h * p.w;
+  // With unit strides it is a plain convolution of G, zero-padded by extent - 1 - pad on each
+  // side, with the weights flipped: the direct path. Otherwise (or when a pad exceeds the
+  // extent) G is gathered with the exact-division mapping of the Gather description.
+  const int64_t ext_h = p.dil_h * (p.r - 1), ext_w = p.dil_w * (p.s - 1);
+  const bool direct = p.stride_h == 1 && p.stride_w == 1 && p.pad_top <= ext_h &&
+                      p.pad_bottom <= ext_h && p.pad_left <= ext_w && p.pad_right <= ext_w;
+  // W'[group][c][k, r, s] = W[group * kg + k][c][r, s], flipped in r and s for the direct path.
+  std::vector<T> wt(p.groups * cg * depth);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    for (int64_t c = 0; c < cg; ++c) {
+      for (int64_t kk = 0; kk < kg; ++kk) {
+        const T* src = w + ((grp * kg + kk) * cg + c) * rs;
+        T* dst = wt.data() + (grp * cg + c) * depth + kk * rs;
+        if (direct) {
+          std::reverse_copy(src, src + rs, dst);
+        } else {
+          std::copy(src, src + rs, dst);
+        }
+      }
+    }
+  }
+  const at::Tensor packed = pack_groups(k, wt.data(), p.groups, cg, depth, grad_input.options());
+  const int64_t packed_size = k.packed_a_size(cg, depth);
+  T* dx = grad_input.data_ptr<T>();
+  const auto epilogue = [&](int64_t n, int64_t grp) {
+    return Epilogue<T>{
+        dx + (n * p.c + grp * cg) * pixels, nullptr, pixels, nullptr, Activation::kIdentity, T(0)};
+  };
+  if (direct) {
+    const int64_t top = ext_h - p.pad_top, left = ext_w - p.pad_left;
+    const int64_t hp = p.h + ext_h, wp = p.w + ext_w;
+    const at::Tensor padded =
+        pad_images(g, {p.k * row_len, row_len, p.ow, 1}, p.n, p.k, p.oh, p.ow, top,
+                   ext_h - p.pad_bottom, left, ext_w - p.pad_right, k.nr, grad_input.options());
+    const std::vector<int64_t> offsets = window_offsets(kg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
+    const T* gp = padded.data_ptr<T>();
+    for_each_gemm_job(k, p.n, p.groups, pixels,
+                      [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T*) {
+                        k.direct_gemm({packed.data_ptr<T>() + grp * packed_size, cg, depth,
+                                       gp + (n * p.k + grp * kg) * hp * wp, offsets.data(), wp, p.w,
+                                       pb, pe, epilogue(n, grp)});
+                      });
+    return;
+  }
+  for_each_gemm_job(k, p.n, p.groups, pixels,
+                    [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T* workspace) {
+                      GemmJob<T> job{};
+                      job.a_packed = packed.data_ptr<T>() + grp * packed_size;
+                      job.m = cg;
+                      job.depth = depth;
+                      job.b = {g + (n * p.k + grp * kg) * row_len,
+                               row_len,
+                               p.ow,
+                               1,
+                               p.oh,
+                               p.ow,
+                               p.w,
+                               kg,
+                               p.r,
+                               p.s,
+                               1,
+                               p.pad_top,
+                               -p.dil_h,
+                               p.stride_h,
+                               1,
+                               p.pad_left,
+                               -p.dil_w,
+                               p.stride_w};
+                      job.p_begin = pb;
+                      job.p_end = pe;
+                      job.epilogue = epilogue(n, grp);
+                      k.gemm(job, workspace);
+                    });
+}
+
+template <typename T>
+void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
+                 const at::Tensor& input, at::Tensor& grad_weight) {
+  const int64_t kg = p.k_per_group(), cg = p.c_per_group(), depth = p.depth();
+  // Image splits: a function of the shapes only, so the sums do not depend on the threads.
+  const int64_t splits = p.groups * ceil_div(depth, 3) >= 16 ? 1 : std::min<int64_t>(p.n, 4);
+  const int64_t wanted = 4 * at::get_num_threads();
+  const int64_t bands_wanted = ceil_div(wanted, splits * p.groups);
+  const int64_t band = std::clamp<int64_t>(ceil_div(ceil_div(depth, bands_wanted), 3) * 3, 3,
+                                           k.max_weight_grad_rows);
+  const int64_t bands = ceil_div(depth, band);
+  at::Tensor partial =
+      splits == 1 ? grad_weight : at::empty({splits, p.k, depth}, grad_weight.options());
+  T* dw = partial.data_ptr<T>();
+  const T* x = input.data_ptr<T>();
+  at::parallel_for(0, splits * p.groups * bands, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> workspace(k.workspace);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = item % bands, grp = (item / bands) % p.groups;
+      const int64_t split = item / (bands * p.groups);
+      const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
+      WeightGradJob<T> job{};
+      job.g = g + (n0 * p.k + grp * kg) * row_len;
+      job.g_ld = row_len;
+      job.g_image_stride = p.k * row_len;
+      job.pixels = p.oh * p.ow;
+      job.m = kg;
+      job.x = input_gather(p, input, x, n0, grp);
+      job.x_image_stride = input.stride(0);
+      job.num_images = n1 - n0;
+      job.d_begin = b * band;
+      job.d_end = std::min(depth, (b + 1) * band);
+      job.dw = dw + (split * p.k + grp * kg) * depth;
+      job.dw_ld = depth;
+      k.weight_grad(job, workspace.data());
+    }
+  });
+  if (splits == 1) return;
+  T* out = grad_weight.data_ptr<T>();
+  const int64_t size = p.k * depth;
+  at::parallel_for(0, size, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      T sum = dw[i];
+      for (int64_t s = 1; s < splits; ++s) sum += dw[s * size + i];
+      out[i] = sum;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "mtlcore.conv2d_act_backward";
+  const Conv2dParams p =
+      check_conv2d_act_args(op, input, weight, std::nullopt, stride, padding, dilation, groups,
+                            activation, negative_slope, kDtypes);
+  check_conv2d_act_backward_args(op, p, input, grad_output, saved);
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input =
+      output_mask[0] ? at::empty({p.n, p.c, p.h, p.w}, input.options()) : empty();
+  at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), weight.options()) : empty();
+  at::Tensor grad_bias = output_mask[2] ? at::empty({p.k}, weight.options()) : empty();
+  if (p.n == 0) {
+    if (output_mask[1]) grad_weight.zero_();
+    if (output_mask[2]) grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) {
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const at::Tensor w = weight.contiguous();
+  dispatch_float(input, [&](auto tag) {
+    using T = decltype(tag);
+    const ConvKernels<T>& k = kernels<T>();
+    const int64_t row_len = ceil_div(p.oh * p.ow, k.lanes) * k.lanes;
+    at::Tensor g = at::empty({p.n, p.k, row_len}, input.options());
+    at::Tensor no_bias;
+    activation_grad(k, p, grad_output, saved, row_len, g.data_ptr<T>(),
+                    output_mask[2] ? grad_bias : no_bias);
+    if (output_mask[0]) input_grad(k, p, g.data_ptr<T>(), row_len, w.data_ptr<T>(), grad_input);
+    if (output_mask[1]) weight_grad(k, p, g.data_ptr<T>(), row_len, input, grad_weight);
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlcore, CPU, m) {
+  m.impl("conv2d_act", &conv2d_act_cpu);
+  m.impl("conv2d_act_with_preact", &conv2d_act_with_preact_cpu);
+  m.impl("conv2d_act_backward", &conv2d_act_backward_cpu);
+}
+
+}  // namespace mtlcore::cpu

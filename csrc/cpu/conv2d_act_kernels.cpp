@@ -1,0 +1,629 @@
+// Compute kernels of mtlcore.conv2d_act on the CPU (see conv2d_act_kernels.h), compiled once per
+// instruction set (MTLCORE_ISA = base, avx2 or avx512).
+//
+// Layout. GEMM C = A * B with A packed once per call: for each depth block of kKc rows, each
+//   block of kMr rows of A is stored depth-major ([kc][kMr]); B is gathered from the image per
+//   depth block into panels of kNr pixels ([kc][kNr]), kNcb pixels at a time, so that one
+//   panel (kc * kNr elements) stays in L1 and the packed A block in L2 while the micro-kernel
+//   runs over all row blocks of A.
+// Micro-kernel. kMr x kNr outer products: 2 * kMr vector accumulators held in registers over
+//   the depth block, one broadcast of A and two vector loads of B per depth step. The
+//   epilogue (partial-sum accumulation across depth blocks, bias, activation, preact) runs on
+//   the kMr x kNr tile just written, while it is in L1: the output is written once per depth
+//   block, and for depth <= kKc (every layer of a small CNN) exactly once.
+// Weight gradient. Dot products along pixels: kDotM x kDotN vector accumulators, G rows read in
+//   place (zero-padded), X rows gathered for kPc pixels at a time; each thread owns a band of
+//   depth rows, so no reduction between threads is needed (results do not depend on the
+//   thread count).
+// Numerics. Accumulation in T (float or double), fused multiply-add where the ISA has it (avx2,
+//   avx512), separate multiply and add in the base path. The depth sum of one output runs in
+//   depth order; results differ between ISA paths only through FMA rounding.
+#include "cpu/conv2d_act_kernels.h"
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(MTLCORE_ISA_AVX2) || defined(MTLCORE_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace mtlcore::cpu::MTLCORE_ISA {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Vectors: V, kLanes, load, store, broadcast, fma (a * b + c), per element type.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Simd;
+
+#if defined(MTLCORE_ISA_AVX512)
+template <>
+struct Simd<float> {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V broadcast(float x) { return _mm512_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V relu(V a) { return _mm512_max_ps(zero(), a); }  // max returns a NaN a
+  // a > 0 ? a : b (false for NaN a).
+  static V select_positive(V a, V b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, zero(), _CMP_GT_OQ), b, a);
+  }
+};
+template <>
+struct Simd<double> {
+  using V = __m512d;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static V broadcast(double x) { return _mm512_set1_pd(x); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static V relu(V a) { return _mm512_max_pd(zero(), a); }
+  static V select_positive(V a, V b) {
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, zero(), _CMP_GT_OQ), b, a);
+  }
+};
+#elif defined(MTLCORE_ISA_AVX2)
+template <>
+struct Simd<float> {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V broadcast(float x) { return _mm256_set1_ps(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V relu(V a) { return _mm256_max_ps(zero(), a); }  // max returns a NaN a
+  static V select_positive(V a, V b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(a, zero(), _CMP_GT_OQ));
+  }
+};
+template <>
+struct Simd<double> {
+  using V = __m256d;
+  static constexpr int kLanes = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static V broadcast(double x) { return _mm256_set1_pd(x); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_pd(a, b); }
+  static V relu(V a) { return _mm256_max_pd(zero(), a); }
+  static V select_positive(V a, V b) {
+    return _mm256_blendv_pd(b, a, _mm256_cmp_pd(a, zero(), _CMP_GT_OQ));
+  }
+};
+#else
+// Base path: 16-byte generic vectors (SSE2 on x86-64), multiply then add.
+template <typename T>
+struct GenericSimd {
+  using V [[gnu::vector_size(16)]] = T;
+  static constexpr int kLanes = 16 / sizeof(T);
+  static V zero() { return V{}; }
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V broadcast(T x) { return V{} + x; }
+  static V fma(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static V relu(V a) { return a < T(0) ? V{} : a; }
+  static V select_positive(V a, V b) { return a > T(0) ? a : b; }
+};
+template <>
+struct Simd<float> : GenericSimd<float> {};
+template <>
+struct Simd<double> : GenericSimd<double> {};
+#endif
+
+// Sum of a vector's lanes, lane 0 first (a fixed order on every path).
+template <typename T>
+T lane_sum(typename Simd<T>::V v) {
+  T lanes[Simd<T>::kLanes];
+  Simd<T>::store(lanes, v);
+  T s = 0;
+  for (int i = 0; i < Simd<T>::kLanes; ++i) s += lanes[i];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocking
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kMr = 6;          // rows of A per micro-tile
+constexpr int64_t kKc = 256;        // depth rows per block
+constexpr int64_t kPanels = 8;      // B panels per pixel block
+constexpr int64_t kPc = 256;        // pixels per weight-gradient chunk
+constexpr int64_t kDotM = 4;        // weight-gradient tile: rows of G ...
+constexpr int64_t kDotN = 3;        // ... times depth rows of X
+constexpr int64_t kMaxWgRows = 48;  // depth rows per weight-gradient job
+
+template <typename T>
+constexpr int64_t kNr = 2 * Simd<T>::kLanes;  // pixels per B panel
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Packing
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+int64_t packed_a_size(int64_t m, int64_t depth) {
+  return round_up(m, kMr) * depth;
+}
+
+// Packed A: depth block starting at d0 (kc rows), row block ib at
+//   packed + d0 * round_up(m, kMr) + ib * kc * kMr, laid out [kc][kMr], rows >= m zero.
+template <typename T>
+void pack_a(const T* a, int64_t lda, int64_t m, int64_t depth, T* packed) {
+  const int64_t m_pad = round_up(m, kMr);
+  for (int64_t d0 = 0; d0 < depth; d0 += kKc) {
+    const int64_t kc = std::min(kKc, depth - d0);
+    for (int64_t i0 = 0; i0 < m_pad; i0 += kMr) {
+      T* dst = packed + d0 * m_pad + i0 * kc;
+      for (int64_t d = 0; d < kc; ++d) {
+        for (int64_t i = 0; i < kMr; ++i) {
+          dst[d * kMr + i] = i0 + i < m ? a[(i0 + i) * lda + d0 + d] : T(0);
+        }
+      }
+    }
+  }
+}
+
+// A run of consecutive pixels of one output row that lands in one panel: pixels
+// y * dst_w + [x, x + len), written from offset dst of each packed depth row.
+struct Piece {
+  int64_t y, x, len, dst;
+};
+
+// Copies source columns x0 + j * step (j < len; only those in [0, width) exist, the others
+// are zero) from `row` to o. kFull > 0: a compile-time length for the common full piece.
+template <int64_t kFull, typename T>
+[[gnu::always_inline]] inline void gather_columns(const T* row, int64_t x0, int64_t step,
+                                                  int64_t width, int64_t len, T* o) {
+  if (kFull > 0 && step == 1 && len == kFull && x0 >= 0 && x0 + kFull <= width) {
+    std::memcpy(o, row + x0, sizeof(T) * kFull);
+    return;
+  }
+  int64_t lo, hi;  // valid j: [lo, hi)
+  if (step == 1) {
+    lo = std::clamp<int64_t>(-x0, 0, len);
+    hi = std::clamp<int64_t>(width - x0, lo, len);
+  } else {
+    lo = std::clamp<int64_t>(x0 >= 0 ? 0 : (-x0 + step - 1) / step, 0, len);
+    hi = std::clamp<int64_t>(x0 < width ? (width - 1 - x0) / step + 1 : 0, lo, len);
+  }
+  for (int64_t j = 0; j < lo; ++j) o[j] = T(0);
+  const T* s = row + x0;
+  if (step == 1) {
+    for (int64_t j = lo; j < hi; ++j) o[j] = s[j];
+  } else {
+    for (int64_t j = lo; j < hi; ++j) o[j] = s[j * step];
+  }
+  for (int64_t j = hi; j < len; ++j) o[j] = T(0);
+}
+
+// Gathers B rows [d0, d0 + kc) for the pixels [p_begin, p_end) into panels of panel_width
+// columns: pixel p_begin + c goes to dst[(c / panel_width) * panel_stride + d * panel_width +
+// c % panel_width]; the last panel's columns beyond the pixels are zero. (One panel as wide as
+// the pixel range gives a plain row-major [kc][panel_width] block.)
+template <int64_t kFull, typename T>
+void pack_b(const Gather<T>& g, int64_t d0, int64_t kc, int64_t p_begin, int64_t p_end,
+            int64_t panel_width, int64_t panel_stride, T* dst) {
+  constexpr int64_t kMaxPieces = 64;
+  Piece pieces[kMaxPieces];
+  const int64_t rs = g.r * g.s;
+  for (int64_t first = p_begin; first < p_end;) {
+    // The pieces of the next pixels, up to kMaxPieces of them.
+    int64_t count = 0, p = first;
+    int64_t y = p / g.dst_w, x = p % g.dst_w;
+    while (p < p_end && count < kMaxPieces) {
+      const int64_t col = p - p_begin, within = col % panel_width;
+      const int64_t len = std::min({p_end - p, g.dst_w - x, panel_width - within});
+      pieces[count++] = {y, x, len, col / panel_width * panel_stride + within};
+      p += len;
+      x += len;
+      if (x == g.dst_w) {
+        x = 0;
+        ++y;
+      }
+    }
+    int64_t chan = d0 / rs, ry = (d0 % rs) / g.s, sx = d0 % g.s;
+    for (int64_t d = 0; d < kc; ++d) {
+      T* out = dst + d * panel_width;
+      const T* plane = g.src + chan * g.stride_c;
+      const int64_t oy = g.by + ry * g.cy, ox = g.bx + sx * g.cx;
+      for (int64_t i = 0; i < count; ++i) {
+        const Piece& piece = pieces[i];
+        T* o = out + piece.dst;
+        int64_t sy = piece.y * g.ay + oy;
+        bool row_ok = sy >= 0;
+        if (g.qy != 1) {
+          row_ok = row_ok && sy % g.qy == 0;
+          sy /= g.qy;
+        }
+        if (!row_ok || sy >= g.src_h) {
+          for (int64_t j = 0; j < piece.len; ++j) o[j] = T(0);
+          continue;
+        }
+        const T* row = plane + sy * g.stride_y;
+        const int64_t sx0 = piece.x * g.ax + ox;  // source column of o[0], times qx
+        if (g.qx == 1) {
+          if (g.stride_x == 1) {
+            gather_columns<kFull>(row, sx0, g.ax, g.src_w, piece.len, o);
+          } else {
+            for (int64_t j = 0; j < piece.len; ++j) {
+              const int64_t c = sx0 + j * g.ax;
+              o[j] = c >= 0 && c < g.src_w ? row[c * g.stride_x] : T(0);
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < piece.len; ++j) {
+            const int64_t num = sx0 + j * g.ax;
+            const int64_t c = num / g.qx;
+            o[j] = num >= 0 && num % g.qx == 0 && c < g.src_w ? row[c * g.stride_x] : T(0);
+          }
+        }
+      }
+      if (++sx == g.s) {
+        sx = 0;
+        if (++ry == g.r) {
+          ry = 0;
+          ++chan;
+        }
+      }
+    }
+    first = p;
+  }
+  const int64_t cols = p_end - p_begin, used = cols % panel_width;
+  if (used != 0) {
+    T* last = dst + cols / panel_width * panel_stride;
+    for (int64_t d = 0; d < kc; ++d) {
+      std::fill(last + d * panel_width + used, last + (d + 1) * panel_width, T(0));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM (forward and input gradient)
+// ---------------------------------------------------------------------------------------------
+
+// Vector form of the activations that are plain arithmetic; the others run element-wise on
+// the stored tile (still in L1).
+template <Activation A>
+constexpr bool kVectorActivation =
+    A == Activation::kIdentity || A == Activation::kRelu || A == Activation::kLeakyRelu;
+
+template <typename T, Activation A>
+typename Simd<T>::V vector_activation(typename Simd<T>::V z, typename Simd<T>::V slope) {
+  using S = Simd<T>;
+  if constexpr (A == Activation::kRelu) {
+    return S::relu(z);
+  } else if constexpr (A == Activation::kLeakyRelu) {
+    return S::select_positive(z, S::fma(z, slope, S::zero()));
+  } else {
+    return z;
+  }
+}
+
+// Accumulates one kMr x kNr tile over a depth block: A block (kc x kMr, packed) times B panel
+// (kc x kNr, packed); then, for a full tile, applies the epilogue from the registers (partial
+// sums of earlier depth blocks added, and after the last block bias, preact and activation);
+// for an edge tile, writes the sums to `tile` for store_tile().
+// B operand of the micro-kernel: a packed panel (row d at b + d * kNr) ...
+template <typename T>
+struct PackedPanel {
+  const T* b;
+  const T* row(int64_t d) const { return b + d * kNr<T>; }
+};
+// ... or kNr consecutive elements of a padded image (row d at base + offsets[d]).
+template <typename T>
+struct ImageWindow {
+  const T* base;
+  const int64_t* offsets;
+  const T* row(int64_t d) const { return base + offsets[d]; }
+};
+
+template <typename T, Activation A, typename B>
+void micro_kernel(int64_t kc, const T* __restrict a, const B b, T* __restrict tile,
+                  const Epilogue<T>* e, int64_t i0, int64_t p, bool first, bool last) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V acc0[kMr], acc1[kMr];
+#pragma GCC unroll 8
+  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = S::zero();
+  for (int64_t d = 0; d < kc; ++d) {
+    const T* bd = b.row(d);
+    const V b0 = S::load(bd);
+    const V b1 = S::load(bd + L);
+#pragma GCC unroll 8
+    for (int i = 0; i < kMr; ++i) {
+      const V ai = S::broadcast(a[i]);
+      acc0[i] = S::fma(ai, b0, acc0[i]);
+      acc1[i] = S::fma(ai, b1, acc1[i]);
+    }
+    a += kMr;
+  }
+  if (e == nullptr) {
+#pragma GCC unroll 8
+    for (int i = 0; i < kMr; ++i) {
+      S::store(tile + i * 2 * L, acc0[i]);
+      S::store(tile + i * 2 * L + L, acc1[i]);
+    }
+    return;
+  }
+  const V slope = S::broadcast(e->negative_slope);
+#pragma GCC unroll 8
+  for (int i = 0; i < kMr; ++i) {
+    T* o = e->out + (i0 + i) * e->ld + p;
+    V z0 = acc0[i], z1 = acc1[i];
+    if (!first) {
+      z0 = S::add(z0, S::load(o));
+      z1 = S::add(z1, S::load(o + L));
+    }
+    if (last) {
+      if (e->bias != nullptr) {
+        const V bias = S::broadcast(e->bias[i0 + i]);
+        z0 = S::add(z0, bias);
+        z1 = S::add(z1, bias);
+      }
+      if (e->preact != nullptr) {
+        T* pre = e->preact + (i0 + i) * e->ld + p;
+        S::store(pre, z0);
+        S::store(pre + L, z1);
+      }
+      if constexpr (kVectorActivation<A>) {
+        z0 = vector_activation<T, A>(z0, slope);
+        z1 = vector_activation<T, A>(z1, slope);
+      }
+    }
+    S::store(o, z0);
+    S::store(o + L, z1);
+  }
+  if constexpr (!kVectorActivation<A>) {
+    if (last) {
+      for (int i = 0; i < kMr; ++i) {
+        T* o = e->out + (i0 + i) * e->ld + p;
+        for (int j = 0; j < 2 * L; ++j) o[j] = act::forward<A, T>(o[j], e->negative_slope);
+      }
+    }
+  }
+}
+
+// Writes rows [i0, i0 + rows) x pixels [p, p + cols) of an edge tile: partial sums of earlier
+// depth blocks are added, and after the last block the epilogue (bias, preact, activation).
+template <typename T, Activation A>
+void store_tile(const T* tile, const Epilogue<T>& e, int64_t i0, int64_t rows, int64_t p,
+                int64_t cols, bool first, bool last) {
+  constexpr int64_t nr = kNr<T>;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* t = tile + i * nr;
+    T* __restrict o = e.out + (i0 + i) * e.ld + p;
+    if (!last) {
+      if (first) {
+        std::copy(t, t + cols, o);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) o[j] += t[j];
+      }
+      continue;
+    }
+    const T b = e.bias != nullptr ? e.bias[i0 + i] : T(0);
+    T z[nr];
+    for (int64_t j = 0; j < cols; ++j) z[j] = (first ? t[j] : t[j] + o[j]) + b;
+    if (e.preact != nullptr) std::copy(z, z + cols, e.preact + (i0 + i) * e.ld + p);
+    for (int64_t j = 0; j < cols; ++j) o[j] = act::forward<A, T>(z[j], e.negative_slope);
+  }
+}
+
+// All row blocks of A (one depth block, packed at a) against one B tile of `cols` pixels
+// starting at output pixel p.
+template <typename T, Activation A, typename B>
+void tile_rows(const T* a, int64_t kc, int64_t m, const B b, const Epilogue<T>& e, int64_t p,
+               int64_t cols, bool first, bool last) {
+  alignas(64) T tile[kMr * kNr<T>];
+  for (int64_t i0 = 0; i0 < m; i0 += kMr) {
+    const int64_t rows = std::min(kMr, m - i0);
+    if (rows == kMr && cols == kNr<T>) {
+      micro_kernel<T, A>(kc, a + i0 * kc, b, nullptr, &e, i0, p, first, last);
+    } else {
+      micro_kernel<T, A>(kc, a + i0 * kc, b, tile, nullptr, 0, 0, first, last);
+      store_tile<T, A>(tile, e, i0, rows, p, cols, first, last);
+    }
+  }
+}
+
+template <typename T, Activation A>
+void gemm_impl(const GemmJob<T>& job, T* workspace) {
+  constexpr int64_t nr = kNr<T>;
+  const int64_t m_pad = round_up(job.m, kMr);
+  for (int64_t pb = job.p_begin; pb < job.p_end; pb += kPanels * nr) {
+    const int64_t pe = std::min(job.p_end, pb + kPanels * nr);
+    const int64_t panels = (pe - pb + nr - 1) / nr;
+    for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
+      const int64_t kc = std::min(kKc, job.depth - d0);
+      const bool first = d0 == 0, last = d0 + kc == job.depth;
+      pack_b<nr>(job.b, d0, kc, pb, pe, nr, kc * nr, workspace);
+      for (int64_t jp = 0; jp < panels; ++jp) {
+        const int64_t p = pb + jp * nr;
+        const int64_t cols = std::min(nr, pe - p);
+        tile_rows<T, A>(job.a_packed + d0 * m_pad, kc, job.m,
+                        PackedPanel<T>{workspace + jp * kc * nr}, job.epilogue, p, cols, first,
+                        last);
+      }
+    }
+  }
+}
+
+template <typename T, Activation A>
+void direct_gemm_impl(const DirectGemmJob<T>& job) {
+  constexpr int64_t nr = kNr<T>;
+  const int64_t m_pad = round_up(job.m, kMr);
+  for (int64_t p = job.p_begin; p < job.p_end;) {
+    const int64_t y = p / job.out_w, x = p % job.out_w;
+    const int64_t cols = std::min({nr, job.out_w - x, job.p_end - p});
+    const T* base = job.src + y * job.row_step + x;
+    for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
+      const int64_t kc = std::min(kKc, job.depth - d0);
+      tile_rows<T, A>(job.a_packed + d0 * m_pad, kc, job.m, ImageWindow<T>{base, job.offsets + d0},
+                      job.epilogue, p, cols, d0 == 0, d0 + kc == job.depth);
+    }
+    p += cols;
+  }
+}
+
+template <typename T>
+void direct_gemm(const DirectGemmJob<T>& job) {
+  dispatch_activation(job.epilogue.activation,
+                      [&](auto a) { direct_gemm_impl<T, decltype(a)::value>(job); });
+}
+
+template <typename T>
+void gemm(const GemmJob<T>& job, T* workspace) {
+  dispatch_activation(job.epilogue.activation,
+                      [&](auto a) { gemm_impl<T, decltype(a)::value>(job, workspace); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient
+// ---------------------------------------------------------------------------------------------
+
+// acc[i * ld_acc + j] += sum_t a[i * lda + t] * b[j * ldb + t] over t < len (a multiple of the
+// vector width) for i < MI, j < NJ.
+template <int MI, int NJ, typename T>
+void dot_tile(int64_t len, const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
+              T* acc, int64_t ld_acc) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  V s[MI][NJ];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < NJ; ++j) s[i][j] = S::zero();
+  for (int64_t t = 0; t < len; t += S::kLanes) {
+    V bj[NJ];
+    for (int j = 0; j < NJ; ++j) bj[j] = S::load(b + j * ldb + t);
+    for (int i = 0; i < MI; ++i) {
+      const V ai = S::load(a + i * lda + t);
+      for (int j = 0; j < NJ; ++j) s[i][j] = S::fma(ai, bj[j], s[i][j]);
+    }
+  }
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < NJ; ++j) acc[i * ld_acc + j] += lane_sum<T>(s[i][j]);
+}
+
+template <typename T>
+void weight_grad(const WeightGradJob<T>& job, T* workspace) {
+  const int64_t rows = job.d_end - job.d_begin;
+  T* dw = job.dw + job.d_begin;
+  for (int64_t k = 0; k < job.m; ++k)
+    std::fill(dw + k * job.dw_ld, dw + k * job.dw_ld + rows, T(0));
+  const int64_t m_full = job.m / kDotM * kDotM, rows_full = rows / kDotN * kDotN;
+  for (int64_t n = 0; n < job.num_images; ++n) {
+    Gather<T> x = job.x;
+    x.src += n * job.x_image_stride;
+    const T* g = job.g + n * job.g_image_stride;
+    for (int64_t p0 = 0; p0 < job.pixels; p0 += kPc) {
+      const int64_t count = std::min(kPc, job.pixels - p0);
+      const int64_t len = round_up(count, Simd<T>::kLanes);
+      pack_b<0>(x, job.d_begin, rows, p0, p0 + count, len, 0, workspace);
+      const T* gp = g + p0;
+      for (int64_t k = 0; k < m_full; k += kDotM) {
+        for (int64_t j = 0; j < rows_full; j += kDotN) {
+          dot_tile<kDotM, kDotN>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
+                                 dw + k * job.dw_ld + j, job.dw_ld);
+        }
+        for (int64_t j = rows_full; j < rows; ++j) {
+          dot_tile<kDotM, 1>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
+                             dw + k * job.dw_ld + j, job.dw_ld);
+        }
+      }
+      for (int64_t k = m_full; k < job.m; ++k) {
+        for (int64_t j = 0; j < rows_full; j += kDotN) {
+          dot_tile<1, kDotN>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
+                             dw + k * job.dw_ld + j, job.dw_ld);
+        }
+        for (int64_t j = rows_full; j < rows; ++j) {
+          dot_tile<1, 1>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
+                         dw + k * job.dw_ld + j, job.dw_ld);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward's first pass
+// ---------------------------------------------------------------------------------------------
+// Sum of x[0, n): kAcc vector accumulators over the lanes, then a fixed-order reduction (the
+// same order on every call, so the result is deterministic).
+template <typename T>
+T vector_sum(const T* x, int64_t n) {
+  using S = Simd<T>;
+  constexpr int L = S::kLanes, kAcc = 4;
+  typename S::V acc[kAcc];
+  for (int i = 0; i < kAcc; ++i) acc[i] = S::zero();
+  const typename S::V one = S::broadcast(T(1));
+  int64_t i = 0;
+  for (; i + kAcc * L <= n; i += kAcc * L) {
+    for (int a = 0; a < kAcc; ++a) acc[a] = S::fma(S::load(x + i + a * L), one, acc[a]);
+  }
+  T total = 0;
+  for (int a = 0; a < kAcc; ++a) total += lane_sum<T>(acc[a]);
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+
+template <typename T, Activation A>
+double activation_grad_plane_impl(T slope, const T* go, int64_t go_sy, int64_t go_sx, const T* sv,
+                                  int64_t sv_sy, int64_t sv_sx, int64_t oh, int64_t ow,
+                                  T* __restrict g) {
+  for (int64_t y = 0; y < oh; ++y) {
+    const T* a = go + y * go_sy;
+    const T* s = sv + y * sv_sy;
+    T* __restrict out = g + y * ow;
+    if (go_sx == 1 && sv_sx == 1) {
+      for (int64_t x = 0; x < ow; ++x) out[x] = act::backward<A, T>(a[x], s[x], slope);
+    } else {
+      for (int64_t x = 0; x < ow; ++x) {
+        out[x] = act::backward<A, T>(a[x * go_sx], s[x * sv_sx], slope);
+      }
+    }
+  }
+  return vector_sum(g, oh * ow);
+}
+
+template <typename T>
+double activation_grad_plane(Activation activation, T slope, const T* go, int64_t go_sy,
+                             int64_t go_sx, const T* sv, int64_t sv_sy, int64_t sv_sx, int64_t oh,
+                             int64_t ow, T* g) {
+  return dispatch_activation(activation, [&](auto a) {
+    return activation_grad_plane_impl<T, decltype(a)::value>(slope, go, go_sy, go_sx, sv, sv_sy,
+                                                             sv_sx, oh, ow, g);
+  });
+}
+
+template <typename T>
+constexpr ConvKernels<T> make_kernels() {
+  return {kNr<T>,
+          Simd<T>::kLanes,
+          kMaxWgRows,
+          std::max(kKc * kPanels * kNr<T>, kMaxWgRows * kPc),
+          &packed_a_size<T>,
+          &pack_a<T>,
+          &gemm<T>,
+          &direct_gemm<T>,
+          &weight_grad<T>,
+          &activation_grad_plane<T>};
+}
+
+}  // namespace
+
+extern const ConvKernelTable conv_kernels = {make_kernels<float>(), make_kernels<double>()};
+
+}  // namespace mtlcore::cpu::MTLCORE_ISA

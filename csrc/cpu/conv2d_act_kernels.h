@@ -1,0 +1,127 @@
+// Compute kernels of mtlcore.conv2d_act on the CPU, one table per instruction set.
+//
+// conv2d_act_kernels.cpp is compiled once per ISA (base, avx2, avx512) into namespace
+// mtlcore::cpu::<isa>; csrc/cpu/conv2d_act.cpp checks arguments, allocates, splits the work over
+// threads and calls these functions, each of which runs on one thread.
+//
+// Every product of the op is a GEMM whose right operand is gathered from an image on the fly
+// (implicit im2col, never materialised for a whole image):
+//   forward      C[k][pixel]  = W[k][c,r,s]   * X[c,r,s][pixel]   then bias + activation
+//   grad_input   C[c][pixel]  = W'[c][k,r,s]  * G[k,r,s][pixel]   (transposed convolution)
+//   grad_weight  dW[k][c,r,s] = sum_pixels G[k][pixel] * X[c,r,s][pixel]
+// where G is grad_output times the activation derivative, in a zero-padded row layout.
+#pragma once
+
+#include <cstdint>
+
+#include "common/activation.h"
+
+namespace mtlcore::cpu {
+
+// How the GEMM operand B[depth][pixel] is read from an image (a source tensor of one image and
+// one group). Output pixel p = y * dst_w + x; depth index d = (chan * r + ry) * s + sx. The
+// source row is src_y = (y * ay + by + ry * cy) / qy, taken only when the division is exact and
+// 0 <= src_y < src_h (zero otherwise); the same for columns with the x coefficients.
+//   forward:    a = stride, b = -pad, c = dilation, q = 1
+//   grad_input: a = 1,      b = pad,  c = -dilation, q = stride
+template <typename T>
+struct Gather {
+  const T* src;
+  int64_t stride_c, stride_y, stride_x;
+  int64_t src_h, src_w;
+  int64_t dst_w;
+  int64_t chans, r, s;
+  int64_t ay, by, cy, qy;
+  int64_t ax, bx, cx, qx;
+};
+
+// What happens to the GEMM result: z = C[i][p] + bias[i] (no bias when null) is stored to
+// preact[i * ld + p] when preact is not null, and act(z) to out[i * ld + p] (i < m, p in the
+// job's pixel range). The gradient GEMMs use the identity without bias or preact.
+template <typename T>
+struct Epilogue {
+  T* out;
+  T* preact;
+  int64_t ld;
+  const T* bias;
+  Activation activation;
+  T negative_slope;
+};
+
+// One implicit-GEMM job: rows [0, m) of C for the pixels [p_begin, p_end) of one image/group.
+template <typename T>
+struct GemmJob {
+  const T* a_packed;  // the group's A, packed by pack_a
+  int64_t m, depth;
+  Gather<T> b;
+  int64_t p_begin, p_end;
+  Epilogue<T> epilogue;
+};
+
+// One implicit-GEMM job on a zero-padded image with unit column stride: B[d][pixel (y, x)] =
+// src[y * row_step + x + offsets[d]] (no bounds checks: the caller pads the image so that every
+// window is inside, with kNr elements of slack at the end). Rows [0, m) of C for the pixels
+// [p_begin, p_end) of one image/group.
+template <typename T>
+struct DirectGemmJob {
+  const T* a_packed;
+  int64_t m, depth;
+  const T* src;
+  const int64_t* offsets;
+  int64_t row_step, out_w;
+  int64_t p_begin, p_end;
+  Epilogue<T> epilogue;
+};
+
+// One weight-gradient job: dW[k][d] for k < m and depth rows d in [d_begin, d_end)
+// (d_end - d_begin <= max_weight_grad_rows), summed over images [0, num_images) and all their
+// pixels. G rows are zero-padded to g_ld (a multiple of the vector width); dw[k * dw_ld + d]
+// is overwritten.
+template <typename T>
+struct WeightGradJob {
+  const T* g;  // image 0, first channel of the group
+  int64_t g_ld, g_image_stride, pixels;
+  int64_t m;
+  Gather<T> x;  // per image: x.src + image * x_image_stride
+  int64_t x_image_stride;
+  int64_t num_images;
+  int64_t d_begin, d_end;
+  T* dw;
+  int64_t dw_ld;
+};
+
+template <typename T>
+struct ConvKernels {
+  int64_t nr;                    // pixels per B panel
+  int64_t lanes;                 // vector width in elements: G rows are padded to a multiple
+  int64_t max_weight_grad_rows;  // most depth rows one weight-gradient job may take
+  int64_t workspace;             // elements of scratch memory one thread needs
+  int64_t (*packed_a_size)(int64_t m, int64_t depth);
+  // Packs row-major A [m][depth] (row stride lda) for gemm().
+  void (*pack_a)(const T* a, int64_t lda, int64_t m, int64_t depth, T* packed);
+  void (*gemm)(const GemmJob<T>& job, T* workspace);
+  void (*direct_gemm)(const DirectGemmJob<T>& job);
+  void (*weight_grad)(const WeightGradJob<T>& job, T* workspace);
+  // One [oh, ow] plane of the backward's first pass: g = grad_output * act'(saved) stored
+  // contiguously (row after row) to g; returns the sum of g (the plane's bias-gradient share).
+  double (*activation_grad_plane)(Activation activation, T negative_slope, const T* grad_output,
+                                  int64_t go_sy, int64_t go_sx, const T* saved, int64_t sv_sy,
+                                  int64_t sv_sx, int64_t oh, int64_t ow, T* g);
+};
+
+struct ConvKernelTable {
+  ConvKernels<float> f32;
+  ConvKernels<double> f64;
+};
+
+namespace base {
+extern const ConvKernelTable conv_kernels;
+}
+namespace avx2 {
+extern const ConvKernelTable conv_kernels;
+}
+namespace avx512 {
+extern const ConvKernelTable conv_kernels;
+}
+
+}  // namespace mtlcore::cpu

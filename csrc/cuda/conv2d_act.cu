@@ -1,0 +1,873 @@
+// CUDA kernels of mtlcore::conv2d_act, conv2d_act_with_preact and conv2d_act_backward (schemas
+// in csrc/mtlcore.cpp): act(conv2d(input, weight, bias)) and its gradients.
+//
+// Data layout. input x [N, C, H, W] is read through its four strides (NCHW, channels_last or
+// any strided view); weight [K, C/groups, R, S] and bias [K] are made contiguous. Outputs
+// (out, preact, grad_input, grad_weight, grad_bias) are new contiguous tensors. grad_output
+// and saved [N, K, OH, OW] are read through their strides. Index mapping: input row
+// ih = oh * stride_h - pad_top + r * dil_h (likewise for columns with pad_left); pad_bottom
+// and pad_right only shape OH and OW. Element offsets are 64-bit; spatial coordinates are
+// 32-bit (padded sizes, strides and dilations are checked to be below 2^30).
+//
+// Parallel split. Three convolutions run as one tiled implicit GEMM (conv2d_act_gemm.cuh), per
+// group g (Cg = C/groups input and Kg = K/groups output channels per group):
+//   forward:      rows k' < Kg, columns (n, oh, ow) over the whole batch, depth (c', r, s);
+//                 A = weight rows, B = input gathered with zero padding. Epilogue: z = acc +
+//                 bias, out = act(z) (and preact = z) stored once per element.
+//   grad_input:   rows c' < Cg, columns (n, ih, iw), depth (k', r, s); A = weight, B = the
+//                 scratch g gathered at oh = (ih + pad_top - r dil_h) / stride_h where that is
+//                 exact and in range (zero elsewhere). Every grad_input element is written
+//                 once.
+//   grad_weight:  rows k' < Kg, columns (c', r, s), depth (n, oh, ow) = N*OH*OW; A = g, B =
+//                 input gathered. The depth is split into ranges (blocks on blockIdx.z) whose
+//                 fp32 (double for double) partial sums go to a [splits, K, Cg*R*S] buffer;
+//                 a second kernel adds them in split order and rounds to the weight dtype.
+// Depthwise convolutions (groups > 1 and one input channel per group, any channel
+// multiplier) make M tiny, so they use direct kernels instead: one thread per output element
+// (forward), one thread per input element (grad_input), and for grad_weight one block per
+// (weight element, depth range) reducing into the same partial buffer and second kernel.
+// Backward first pass: one block per (k, range of the N*OH*OW pixels) computes
+// g = grad_output * act'(saved), writes it to a contiguous [N, K, OH, OW] scratch and reduces
+// its sum into a [ranges, K] partial buffer, summed in range order by the second kernel for
+// grad_bias. No atomics anywhere: every sum is taken in an order fixed by the shape, so
+// results do not vary from run to run. Launches go to the current stream of input's device;
+// ranges and splits depend only on the shape, never on the device. The GEMM problem classes
+// and the direct kernels' per-element functions are __host__ __device__, so their index
+// arithmetic can be exercised on the host.
+//
+// Numerics. Accumulation is in fp32 for float, half and bfloat16 (double for double). The
+// GEMM operands enter the multiply in the input dtype: half and bfloat16 on tensor cores
+// (wmma, fp32 accumulators); float on TF32 tensor cores when
+// torch.backends.cudnn.allow_tf32 is set (the flag F.conv2d follows; operands rounded to TF32
+// on the way in), otherwise on an FMA kernel in fp32; double on an FMA kernel in double. The
+// depthwise kernels use FMA in fp32 (double) for every dtype. The bias is added and the activation
+// applied in fp32 before the one rounding of each stored output (out = round(act(z)), preact =
+// round(z), both from the unrounded z). Backward: g = grad_output * act'(saved) is computed in fp32
+// (double) from the stored values; grad_bias sums the unrounded g, while the GEMMs read g rounded
+// to the input dtype (what the tensor cores take for half and bfloat16; for float it is exact).
+// grad_input and grad_weight are rounded once, from their fp32 sums.
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/activation.h"
+#include "common/conv2d_act_args.h"
+#include "cuda/conv2d_act_gemm.cuh"
+
+namespace mtlcore {
+
+namespace {
+
+using cuda::acc_t;
+using cuda::ceil_div;
+using cuda::ElementTraits;
+
+// Threads per block of the direct and reduction kernels.
+constexpr int kBlockThreads = 256;
+
+// ---------------------------------------------------------------------------------------
+// Problem description shared by the kernels.
+// ---------------------------------------------------------------------------------------
+
+struct ConvShape {
+  int64_t n, c, k;
+  int64_t c_per_group, k_per_group;
+  int h, w, oh, ow, r, s;
+  int stride_h, stride_w, pad_top, pad_left, dil_h, dil_w;
+  int64_t input_plane;   // h * w
+  int64_t output_plane;  // oh * ow
+  int64_t kernel_area;   // r * s
+  int64_t x_stride_n, x_stride_c, x_stride_h, x_stride_w;
+};
+
+// A strided [N, K, OH, OW] tensor read by the backward first pass.
+template <typename T>
+struct OutputView {
+  const T* data;
+  int64_t stride_n, stride_k, stride_h, stride_w;
+
+  MTLCORE_HD T at(int64_t n, int64_t k, int64_t oh, int64_t ow) const {
+    return data[n * stride_n + k * stride_k + oh * stride_h + ow * stride_w];
+  }
+};
+
+// An input position of the forward gather: batch offset and the top-left corner of the
+// receptive field (may be negative: padding).
+struct InputPixel {
+  int64_t x_batch;  // n * x_stride_n
+  int ih0;          // oh * stride_h - pad_top
+  int iw0;          // ow * stride_w - pad_left
+};
+
+// A kernel tap of the forward gather: input channel offset and dilated tap offsets.
+struct KernelTap {
+  int64_t x_channel;  // c * x_stride_c
+  int r_dil;          // r * dil_h
+  int s_dil;          // s * dil_w
+};
+
+template <typename T>
+MTLCORE_HD T gather_input(const T* x, const ConvShape& sh, const InputPixel& px,
+                          const KernelTap& tap) {
+  const int ih = px.ih0 + tap.r_dil;
+  const int iw = px.iw0 + tap.s_dil;
+  if (static_cast<unsigned>(ih) >= static_cast<unsigned>(sh.h) ||
+      static_cast<unsigned>(iw) >= static_cast<unsigned>(sh.w)) {
+    return ElementTraits<T>::zero();
+  }
+  return x[px.x_batch + tap.x_channel + ih * sh.x_stride_h + iw * sh.x_stride_w];
+}
+
+MTLCORE_HD InputPixel input_pixel(const ConvShape& sh, int64_t n, int oh, int ow) {
+  return {n * sh.x_stride_n, oh * sh.stride_h - sh.pad_top, ow * sh.stride_w - sh.pad_left};
+}
+
+MTLCORE_HD KernelTap kernel_tap(const ConvShape& sh, int64_t channel, int r, int s) {
+  return {channel * sh.x_stride_c, r * sh.dil_h, s * sh.dil_w};
+}
+
+// Stores round(act(z)) at out[index] and, when preact is given, round(z) at preact[index].
+template <Activation A, typename T>
+MTLCORE_HD void store_activated(T* out, T* preact, int64_t index, acc_t<T> z,
+                                acc_t<T> negative_slope) {
+  out[index] = ElementTraits<T>::from_acc(act::forward<A, acc_t<T>>(z, negative_slope));
+  if (preact != nullptr) preact[index] = ElementTraits<T>::from_acc(z);
+}
+
+// ---------------------------------------------------------------------------------------
+// The three implicit GEMMs (interface in conv2d_act_gemm.cuh).
+// ---------------------------------------------------------------------------------------
+
+// out[n, k, oh, ow] = act(bias[k] + sum_{c', r, s} weight[k, c', r, s] * x[n, c, ih, iw]).
+template <typename T, Activation A>
+struct ForwardGemm {
+  using Element = T;
+  static constexpr bool kBLoadAlongCols = true;  // consecutive columns: consecutive ow
+  struct ColEntry {
+    InputPixel pixel;
+    int64_t out_pixel;  // n * K * OH * OW + oh * OW + ow
+  };
+  struct DepthEntry {
+    KernelTap tap;
+    int64_t w_index;  // g * Kg * depth + d: weight[g * Kg + row] is at w_index + row * depth
+  };
+
+  ConvShape sh;
+  const T* x;
+  const T* weight;
+  const T* bias;  // may be null
+  T* out;
+  T* preact;  // may be null
+  acc_t<T> negative_slope;
+  int64_t m_size;      // Kg
+  int64_t col_size;    // N * OH * OW
+  int64_t depth_size;  // Cg * R * S
+
+  MTLCORE_HD ColEntry col_entry(int64_t /*group*/, int64_t col) const {
+    const int64_t n = col / sh.output_plane;
+    const int64_t p = col - n * sh.output_plane;
+    const int oh = static_cast<int>(p / sh.ow);
+    const int ow = static_cast<int>(p - static_cast<int64_t>(oh) * sh.ow);
+    return {input_pixel(sh, n, oh, ow), n * sh.k * sh.output_plane + p};
+  }
+  MTLCORE_HD DepthEntry depth_entry(int64_t group, int64_t d) const {
+    const int64_t c = d / sh.kernel_area;
+    const int rs = static_cast<int>(d - c * sh.kernel_area);
+    const int r = rs / sh.s;
+    const int s = rs - r * sh.s;
+    return {kernel_tap(sh, group * sh.c_per_group + c, r, s), group * m_size * depth_size + d};
+  }
+  MTLCORE_HD T a_at(int64_t row, const DepthEntry& de) const {
+    return weight[de.w_index + row * depth_size];
+  }
+  MTLCORE_HD T b_at(const DepthEntry& de, const ColEntry& ce) const {
+    return gather_input(x, sh, ce.pixel, de.tap);
+  }
+  MTLCORE_HD void store(int64_t k, int64_t /*split*/, const ColEntry& ce, acc_t<T> acc) const {
+    const acc_t<T> z = bias != nullptr ? acc + ElementTraits<T>::to_acc(bias[k]) : acc;
+    store_activated<A>(out, preact, ce.out_pixel + k * sh.output_plane, z, negative_slope);
+  }
+};
+
+// grad_input[n, c, ih, iw] = sum_{k', r, s} weight[k, c', r, s] * g[n, k, oh, ow] with
+// oh * stride_h = ih + pad_top - r * dil_h (exact, 0 <= oh < OH), likewise ow.
+template <typename T>
+struct InputGradGemm {
+  using Element = T;
+  static constexpr bool kBLoadAlongCols = true;  // consecutive columns: consecutive iw
+  struct ColEntry {
+    int64_t g_batch;   // n * K * OH * OW
+    int64_t dx_pixel;  // n * C * H * W + ih * W + iw
+    int ih_pad;        // ih + pad_top
+    int iw_pad;        // iw + pad_left
+  };
+  struct DepthEntry {
+    int64_t g_channel;  // k * OH * OW
+    int64_t w_index;    // k * Cg * R * S + r * S + s: weight[k, row, r, s] at + row * R * S
+    int r_dil;
+    int s_dil;
+  };
+
+  ConvShape sh;
+  const T* g;  // contiguous [N, K, OH, OW]
+  const T* weight;
+  T* grad_input;
+  int64_t m_size;      // Cg
+  int64_t col_size;    // N * H * W
+  int64_t depth_size;  // Kg * R * S
+
+  MTLCORE_HD ColEntry col_entry(int64_t /*group*/, int64_t col) const {
+    const int64_t n = col / sh.input_plane;
+    const int64_t q = col - n * sh.input_plane;
+    const int ih = static_cast<int>(q / sh.w);
+    const int iw = static_cast<int>(q - static_cast<int64_t>(ih) * sh.w);
+    return {n * sh.k * sh.output_plane, n * sh.c * sh.input_plane + q, ih + sh.pad_top,
+            iw + sh.pad_left};
+  }
+  MTLCORE_HD DepthEntry depth_entry(int64_t group, int64_t d) const {
+    const int64_t kk = d / sh.kernel_area;
+    const int rs = static_cast<int>(d - kk * sh.kernel_area);
+    const int r = rs / sh.s;
+    const int s = rs - r * sh.s;
+    const int64_t k = group * sh.k_per_group + kk;
+    return {k * sh.output_plane, k * sh.c_per_group * sh.kernel_area + rs, r * sh.dil_h,
+            s * sh.dil_w};
+  }
+  MTLCORE_HD T a_at(int64_t row, const DepthEntry& de) const {
+    return weight[de.w_index + row * sh.kernel_area];
+  }
+  MTLCORE_HD T b_at(const DepthEntry& de, const ColEntry& ce) const {
+    const int oh_scaled = ce.ih_pad - de.r_dil;
+    const int ow_scaled = ce.iw_pad - de.s_dil;
+    if (oh_scaled < 0 || ow_scaled < 0) return ElementTraits<T>::zero();
+    const int oh = oh_scaled / sh.stride_h;
+    const int ow = ow_scaled / sh.stride_w;
+    if (oh * sh.stride_h != oh_scaled || ow * sh.stride_w != ow_scaled || oh >= sh.oh ||
+        ow >= sh.ow) {
+      return ElementTraits<T>::zero();
+    }
+    return g[ce.g_batch + de.g_channel + static_cast<int64_t>(oh) * sh.ow + ow];
+  }
+  MTLCORE_HD void store(int64_t c, int64_t /*split*/, const ColEntry& ce, acc_t<T> acc) const {
+    grad_input[ce.dx_pixel + c * sh.input_plane] = ElementTraits<T>::from_acc(acc);
+  }
+};
+
+// partial[split, k, (c', r, s)] = sum over the split's (n, oh, ow) of g[n, k, oh, ow] *
+// x[n, c, ih, iw].
+template <typename T>
+struct WeightGradGemm {
+  using Element = T;
+  static constexpr bool kBLoadAlongCols = false;  // consecutive depth: consecutive ow
+  struct ColEntry {
+    KernelTap tap;
+    int64_t col;  // c' * R * S + r * S + s
+  };
+  struct DepthEntry {
+    InputPixel pixel;
+    int64_t g_offset;  // n * K * OH * OW + g * Kg * OH * OW + oh * OW + ow
+  };
+
+  ConvShape sh;
+  const T* g;  // contiguous [N, K, OH, OW]
+  const T* x;
+  acc_t<T>* partial;   // [splits, K, Cg * R * S]
+  int64_t m_size;      // Kg
+  int64_t col_size;    // Cg * R * S
+  int64_t depth_size;  // N * OH * OW
+
+  MTLCORE_HD ColEntry col_entry(int64_t group, int64_t col) const {
+    const int64_t c = col / sh.kernel_area;
+    const int rs = static_cast<int>(col - c * sh.kernel_area);
+    const int r = rs / sh.s;
+    const int s = rs - r * sh.s;
+    return {kernel_tap(sh, group * sh.c_per_group + c, r, s), col};
+  }
+  MTLCORE_HD DepthEntry depth_entry(int64_t group, int64_t d) const {
+    const int64_t n = d / sh.output_plane;
+    const int64_t p = d - n * sh.output_plane;
+    const int oh = static_cast<int>(p / sh.ow);
+    const int ow = static_cast<int>(p - static_cast<int64_t>(oh) * sh.ow);
+    return {input_pixel(sh, n, oh, ow), (n * sh.k + group * sh.k_per_group) * sh.output_plane + p};
+  }
+  MTLCORE_HD T a_at(int64_t row, const DepthEntry& de) const {
+    return g[de.g_offset + row * sh.output_plane];
+  }
+  MTLCORE_HD T b_at(const DepthEntry& de, const ColEntry& ce) const {
+    return gather_input(x, sh, de.pixel, ce.tap);
+  }
+  MTLCORE_HD void store(int64_t k, int64_t split, const ColEntry& ce, acc_t<T> acc) const {
+    partial[(split * sh.k + k) * col_size + ce.col] = acc;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Direct kernels: depthwise convolutions, the backward first pass, reductions.
+// ---------------------------------------------------------------------------------------
+
+// Sum of v over the block, valid in thread 0; a fixed tree (deterministic). All threads call.
+template <typename Acc>
+__device__ Acc block_sum(Acc v) {
+  constexpr int kWarps = kBlockThreads / 32;
+  __shared__ Acc warp_sums[kWarps];
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? warp_sums[lane] : Acc(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// Depthwise forward, output element e (contiguous index) = (n, k, oh, ow).
+template <typename T, Activation A>
+MTLCORE_HD void depthwise_forward_element(const ConvShape& sh, const T* x, const T* weight,
+                                          const T* bias, T* out, T* preact, acc_t<T> negative_slope,
+                                          int64_t e) {
+  using Acc = acc_t<T>;
+  const int64_t nk = e / sh.output_plane;
+  const int64_t p = e - nk * sh.output_plane;
+  const int64_t n = nk / sh.k;
+  const int64_t k = nk - n * sh.k;
+  const int oh = static_cast<int>(p / sh.ow);
+  const int ow = static_cast<int>(p - static_cast<int64_t>(oh) * sh.ow);
+  const InputPixel px = input_pixel(sh, n, oh, ow);
+  const int64_t channel = k / sh.k_per_group;  // one input channel per group
+  const T* w = weight + k * sh.kernel_area;
+  Acc acc = Acc(0);
+  for (int r = 0; r < sh.r; ++r) {
+    for (int s = 0; s < sh.s; ++s) {
+      const Acc xv =
+          ElementTraits<T>::to_acc(gather_input(x, sh, px, kernel_tap(sh, channel, r, s)));
+      acc = cuda::fused_multiply_add(ElementTraits<T>::to_acc(w[r * sh.s + s]), xv, acc);
+    }
+  }
+  const Acc z = bias != nullptr ? acc + ElementTraits<T>::to_acc(bias[k]) : acc;
+  store_activated<A>(out, preact, e, z, negative_slope);
+}
+
+// Depthwise grad_input, input element e (contiguous index) = (n, c, ih, iw); channel c's group
+// holds output channels c * Kg ... c * Kg + Kg - 1.
+template <typename T>
+MTLCORE_HD void depthwise_input_grad_element(const ConvShape& sh, const T* g, const T* weight,
+                                             T* grad_input, int64_t e) {
+  using Acc = acc_t<T>;
+  const int64_t nc = e / sh.input_plane;
+  const int64_t q = e - nc * sh.input_plane;
+  const int64_t n = nc / sh.c;
+  const int64_t c = nc - n * sh.c;
+  const int ih_pad = static_cast<int>(q / sh.w) + sh.pad_top;
+  const int iw_pad = static_cast<int>(q % sh.w) + sh.pad_left;
+  Acc acc = Acc(0);
+  for (int64_t k = c * sh.k_per_group; k < (c + 1) * sh.k_per_group; ++k) {
+    const T* gk = g + (n * sh.k + k) * sh.output_plane;
+    const T* wk = weight + k * sh.kernel_area;
+    for (int r = 0; r < sh.r; ++r) {
+      const int oh_scaled = ih_pad - r * sh.dil_h;
+      if (oh_scaled < 0) break;  // only decreases with r
+      const int oh = oh_scaled / sh.stride_h;
+      if (oh * sh.stride_h != oh_scaled || oh >= sh.oh) continue;
+      for (int s = 0; s < sh.s; ++s) {
+        const int ow_scaled = iw_pad - s * sh.dil_w;
+        if (ow_scaled < 0) break;  // only decreases with s
+        const int ow = ow_scaled / sh.stride_w;
+        if (ow * sh.stride_w != ow_scaled || ow >= sh.ow) continue;
+        acc = cuda::fused_multiply_add(
+            ElementTraits<T>::to_acc(wk[r * sh.s + s]),
+            ElementTraits<T>::to_acc(gk[static_cast<int64_t>(oh) * sh.ow + ow]), acc);
+      }
+    }
+  }
+  grad_input[e] = ElementTraits<T>::from_acc(acc);
+}
+
+// The depthwise weight element o = k * R * S + r * S + s, as its output channel and input tap.
+struct DepthwiseTap {
+  int64_t k;
+  KernelTap tap;
+};
+
+MTLCORE_HD DepthwiseTap depthwise_tap(const ConvShape& sh, int64_t o) {
+  const int64_t k = o / sh.kernel_area;
+  const int rs = static_cast<int>(o - k * sh.kernel_area);
+  return {k, kernel_tap(sh, k / sh.k_per_group, rs / sh.s, rs % sh.s)};
+}
+
+// Depthwise grad_weight: the term of pixel j = (n, oh, ow) in the sum of weight element `dt`.
+template <typename T>
+MTLCORE_HD acc_t<T> depthwise_weight_grad_term(const ConvShape& sh, const T* g, const T* x,
+                                               const DepthwiseTap& dt, int64_t j) {
+  const int64_t n = j / sh.output_plane;
+  const int64_t p = j - n * sh.output_plane;
+  const int oh = static_cast<int>(p / sh.ow);
+  const int ow = static_cast<int>(p - static_cast<int64_t>(oh) * sh.ow);
+  const T xv = gather_input(x, sh, input_pixel(sh, n, oh, ow), dt.tap);
+  return ElementTraits<T>::to_acc(g[(n * sh.k + dt.k) * sh.output_plane + p]) *
+         ElementTraits<T>::to_acc(xv);
+}
+
+// Backward first pass at channel k, pixel j = (n, oh, ow): dz = grad_output * act'(saved),
+// stored rounded into g when g is given; returns the unrounded dz.
+template <typename T, Activation A>
+MTLCORE_HD acc_t<T> activation_grad_element(const ConvShape& sh, const OutputView<T>& grad_output,
+                                            const OutputView<T>& saved, T* g,
+                                            acc_t<T> negative_slope, int64_t k, int64_t j) {
+  using Acc = acc_t<T>;
+  const int64_t n = j / sh.output_plane;
+  const int64_t p = j - n * sh.output_plane;
+  const int64_t oh = p / sh.ow;
+  const int64_t ow = p - oh * sh.ow;
+  const Acc dy = ElementTraits<T>::to_acc(grad_output.at(n, k, oh, ow));
+  const Acc sv = ElementTraits<T>::to_acc(saved.at(n, k, oh, ow));
+  const Acc dz = act::backward<A, Acc>(dy, sv, negative_slope);
+  if (g != nullptr) g[(n * sh.k + k) * sh.output_plane + p] = ElementTraits<T>::from_acc(dz);
+  return dz;
+}
+
+template <typename T, Activation A>
+__global__ void __launch_bounds__(kBlockThreads)
+    depthwise_forward_kernel(ConvShape sh, const T* x, const T* weight, const T* bias, T* out,
+                             T* preact, acc_t<T> negative_slope, int64_t total) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    depthwise_forward_element<T, A>(sh, x, weight, bias, out, preact, negative_slope, e);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    depthwise_input_grad_kernel(ConvShape sh, const T* g, const T* weight, T* grad_input,
+                                int64_t total) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    depthwise_input_grad_element(sh, g, weight, grad_input, e);
+  }
+}
+
+// Block (o = k * R * S + r * S + s, range) sums the range's terms into partial[range, o].
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    depthwise_weight_grad_kernel(ConvShape sh, const T* g, const T* x, acc_t<T>* partial,
+                                 int64_t pixels, int64_t range_len) {
+  const int64_t o = blockIdx.x;
+  const int64_t range = blockIdx.y;
+  const DepthwiseTap dt = depthwise_tap(sh, o);
+  const int64_t begin = range * range_len;
+  const int64_t end = min(pixels, begin + range_len);
+  acc_t<T> sum = acc_t<T>(0);
+  for (int64_t j = begin + threadIdx.x; j < end; j += kBlockThreads) {
+    sum += depthwise_weight_grad_term(sh, g, x, dt, j);
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) partial[range * gridDim.x + o] = sum;
+}
+
+// Block (k, range) runs the first pass over the range's pixels and, when bias_partial is
+// given, stores the sum of dz at bias_partial[range, k].
+template <typename T, Activation A>
+__global__ void __launch_bounds__(kBlockThreads)
+    activation_grad_kernel(ConvShape sh, OutputView<T> grad_output, OutputView<T> saved, T* g,
+                           acc_t<T>* bias_partial, acc_t<T> negative_slope, int64_t pixels,
+                           int64_t range_len) {
+  const int64_t k = blockIdx.x;
+  const int64_t range = blockIdx.y;
+  const int64_t begin = range * range_len;
+  const int64_t end = min(pixels, begin + range_len);
+  acc_t<T> sum = acc_t<T>(0);
+  for (int64_t j = begin + threadIdx.x; j < end; j += kBlockThreads) {
+    sum += activation_grad_element<T, A>(sh, grad_output, saved, g, negative_slope, k, j);
+  }
+  if (bias_partial != nullptr) {
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) bias_partial[range * sh.k + k] = sum;
+  }
+}
+
+// out[i] = round(sum_{p < parts} partial[p * len + i]), p in increasing order; zeros when
+// parts == 0.
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    sum_partials_kernel(const acc_t<T>* partial, int64_t parts, int64_t len, T* out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < len;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t<T> sum = acc_t<T>(0);
+    for (int64_t p = 0; p < parts; ++p) sum += partial[p * len + i];
+    out[i] = ElementTraits<T>::from_acc(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) with T the CUDA storage type of dtype.
+template <typename Fn>
+void dispatch_cuda_dtype(const char* op, at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kHalf:
+      fn(TypeTag<__half>{});
+      break;
+    case at::kBFloat16:
+      fn(TypeTag<__nv_bfloat16>{});
+      break;
+    case at::kFloat:
+      fn(TypeTag<float>{});
+      break;
+    case at::kDouble:
+      fn(TypeTag<double>{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": the CUDA kernel does not support dtype ", dtype);
+  }
+}
+
+// Calls fn(TypeTag<Math>{}) with the tile math for storage type T (see the header comment).
+template <typename T, typename Fn>
+void dispatch_tile_math(bool allow_tf32, Fn&& fn) {
+  if constexpr (std::is_same_v<T, double>) {
+    fn(TypeTag<cuda::SimtTileMath<double>>{});
+  } else if constexpr (std::is_same_v<T, float>) {
+    if (allow_tf32) {
+      fn(TypeTag<cuda::WmmaTileMath<float>>{});
+    } else {
+      fn(TypeTag<cuda::SimtTileMath<float>>{});
+    }
+  } else {
+    fn(TypeTag<cuda::WmmaTileMath<T>>{});
+  }
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* mutable_data_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// Blocks of a grid-stride elementwise kernel over `total` elements.
+unsigned elementwise_blocks(int64_t total) {
+  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+  return static_cast<unsigned>(std::clamp<int64_t>(ceil_div(total, kBlockThreads), 1, kMaxBlocks));
+}
+
+ConvShape make_conv_shape(const char* op, const Conv2dParams& p, const at::Tensor& input) {
+  constexpr int64_t kMaxCoordinate = int64_t{1} << 30;
+  const int64_t padded_h = p.h + p.pad_top + p.pad_bottom;
+  const int64_t padded_w = p.w + p.pad_left + p.pad_right;
+  TORCH_CHECK_VALUE(padded_h < kMaxCoordinate && padded_w < kMaxCoordinate &&
+                        p.stride_h < kMaxCoordinate && p.stride_w < kMaxCoordinate &&
+                        p.dil_h < kMaxCoordinate && p.dil_w < kMaxCoordinate,
+                    op, ": the CUDA kernel needs padded sizes, strides and dilations below 2^30");
+  ConvShape sh{};
+  sh.n = p.n;
+  sh.c = p.c;
+  sh.k = p.k;
+  sh.c_per_group = p.c_per_group();
+  sh.k_per_group = p.k_per_group();
+  sh.h = static_cast<int>(p.h);
+  sh.w = static_cast<int>(p.w);
+  sh.oh = static_cast<int>(p.oh);
+  sh.ow = static_cast<int>(p.ow);
+  sh.r = static_cast<int>(p.r);
+  sh.s = static_cast<int>(p.s);
+  sh.stride_h = static_cast<int>(p.stride_h);
+  sh.stride_w = static_cast<int>(p.stride_w);
+  sh.pad_top = static_cast<int>(p.pad_top);
+  sh.pad_left = static_cast<int>(p.pad_left);
+  sh.dil_h = static_cast<int>(p.dil_h);
+  sh.dil_w = static_cast<int>(p.dil_w);
+  sh.input_plane = p.h * p.w;
+  sh.output_plane = p.oh * p.ow;
+  sh.kernel_area = p.r * p.s;
+  sh.x_stride_n = input.stride(0);
+  sh.x_stride_c = input.stride(1);
+  sh.x_stride_h = input.stride(2);
+  sh.x_stride_w = input.stride(3);
+  return sh;
+}
+
+// Depthwise: several groups of one input channel each. The GEMMs would have M = K/groups
+// (often 1) there; the direct kernels read each element a bounded number of times instead.
+bool use_depthwise_kernels(const Conv2dParams& p) { return p.groups > 1 && p.c_per_group() == 1; }
+
+// How a sum over `length` terms for each of `outputs` results is cut into ranges: enough
+// blocks to fill the GPU, each range long enough to amortise its partial. Depends on the
+// shape only.
+struct RangeSplit {
+  int64_t ranges;
+  int64_t range_len;
+};
+
+RangeSplit plan_ranges(int64_t outputs, int64_t length) {
+  constexpr int64_t kTargetBlocks = 1024;
+  constexpr int64_t kMinRangeLen = 4096;
+  const int64_t max_ranges = std::max<int64_t>(1, ceil_div(length, kMinRangeLen));
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(kTargetBlocks, outputs), 1, max_ranges);
+  const int64_t range_len = ceil_div(length, wanted);
+  return {ceil_div(length, range_len), range_len};
+}
+
+// The depth split of the weight-gradient GEMM: `tiles` output tiles over all groups, depth
+// N*OH*OW, ranges that are multiples of bk with at least kMinTilesPerSplit steps each.
+RangeSplit plan_depth_split(int64_t tiles, int64_t groups, int64_t depth, int64_t bk) {
+  constexpr int64_t kTargetBlocks = 512;
+  constexpr int64_t kMinTilesPerSplit = 8;
+  int64_t splits = ceil_div(kTargetBlocks, tiles);
+  splits = std::min(splits, ceil_div(depth, kMinTilesPerSplit * bk));
+  splits = std::min(splits, 65535 / groups);  // gridDim.z = groups * splits
+  splits = std::max<int64_t>(splits, 1);
+  const int64_t chunk = ceil_div(ceil_div(depth, splits), bk) * bk;
+  return {ceil_div(depth, chunk), chunk};
+}
+
+template <typename T>
+void launch_sum_partials(const acc_t<T>* partial, int64_t parts, int64_t len, T* out,
+                         cudaStream_t stream) {
+  if (len == 0) return;
+  sum_partials_kernel<T>
+      <<<elementwise_blocks(len), kBlockThreads, 0, stream>>>(partial, parts, len, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::TensorOptions accumulator_options(const at::Tensor& like, bool is_double) {
+  return like.options().dtype(is_double ? at::kDouble : at::kFloat);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_act_forward_cuda(
+    const char* op, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, double negative_slope,
+    bool with_preact) {
+  const Conv2dParams p =
+      check_conv2d_act_args(op, input, weight, bias, stride, padding, dilation, groups,
+                            std::string_view(activation.data(), activation.size()), negative_slope,
+                            {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK_VALUE(input.is_cuda(), op, ": the CUDA kernel got input on ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty(p.output_sizes(), input.options());
+  at::Tensor preact = with_preact ? at::empty(p.output_sizes(), input.options()) : at::Tensor();
+  if (out.numel() == 0) return {out, preact};
+
+  const ConvShape sh = make_conv_shape(op, p, input);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const bool allow_tf32 = at::globalContext().allowTF32CuDNN();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  dispatch_cuda_dtype(op, input.scalar_type(), [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    const T* x_ptr = data_or_null<T>(input);
+    const T* w_ptr = data_or_null<T>(w);
+    const T* b_ptr = data_or_null<T>(b);
+    T* out_ptr = mutable_data_or_null<T>(out);
+    T* preact_ptr = mutable_data_or_null<T>(preact);
+    const auto slope = static_cast<acc_t<T>>(negative_slope);
+    dispatch_activation(p.activation, [&](auto act_tag) {
+      constexpr Activation A = decltype(act_tag)::value;
+      if (use_depthwise_kernels(p)) {
+        const int64_t total = out.numel();
+        depthwise_forward_kernel<T, A><<<elementwise_blocks(total), kBlockThreads, 0, stream>>>(
+            sh, x_ptr, w_ptr, b_ptr, out_ptr, preact_ptr, slope, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      const ForwardGemm<T, A> gemm{sh,
+                                   x_ptr,
+                                   w_ptr,
+                                   b_ptr,
+                                   out_ptr,
+                                   preact_ptr,
+                                   slope,
+                                   sh.k_per_group,
+                                   p.n * sh.output_plane,
+                                   sh.c_per_group * sh.kernel_area};
+      dispatch_tile_math<T>(allow_tf32, [&](auto math_tag) {
+        using Math = typename decltype(math_tag)::type;
+        cuda::launch_implicit_gemm<Math>(op, gemm, p.groups, 1, gemm.depth_size, stream);
+      });
+    });
+  });
+  return {out, preact};
+}
+
+}  // namespace
+
+at::Tensor conv2d_act_cuda(const at::Tensor& input, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           c10::string_view activation, double negative_slope) {
+  return std::get<0>(conv2d_act_forward_cuda("mtlcore.conv2d_act", input, weight, bias, stride,
+                                             padding, dilation, groups, activation, negative_slope,
+                                             /*with_preact=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_act_with_preact_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, double negative_slope) {
+  return conv2d_act_forward_cuda("mtlcore.conv2d_act_with_preact", input, weight, bias, stride,
+                                 padding, dilation, groups, activation, negative_slope,
+                                 /*with_preact=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& saved, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, double negative_slope,
+    std::array<bool, 3> output_mask) {
+  const char* op = "mtlcore.conv2d_act_backward";
+  const Conv2dParams p =
+      check_conv2d_act_args(op, input, weight, std::nullopt, stride, padding, dilation, groups,
+                            std::string_view(activation.data(), activation.size()), negative_slope,
+                            {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  check_conv2d_act_backward_args(op, p, input, grad_output, saved);
+  TORCH_CHECK_VALUE(input.is_cuda(), op, ": the CUDA kernel got input on ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+
+  const auto [want_input, want_weight, want_bias] = output_mask;
+  // Gradients not asked for come back as empty tensors.
+  const std::vector<int64_t> not_requested{0};
+  const std::vector<int64_t> input_sizes{p.n, p.c, p.h, p.w};
+  const std::vector<int64_t> bias_sizes{p.k};
+  at::Tensor grad_input = at::empty(want_input ? input_sizes : not_requested, input.options());
+  at::Tensor grad_weight =
+      at::empty(want_weight ? weight.sizes() : at::IntArrayRef(not_requested), weight.options());
+  at::Tensor grad_bias = at::empty(want_bias ? bias_sizes : not_requested, weight.options());
+  if (!want_input && !want_weight && !want_bias) return {grad_input, grad_weight, grad_bias};
+
+  const ConvShape sh = make_conv_shape(op, p, input);
+  const at::Tensor w = weight.contiguous();
+  const bool allow_tf32 = at::globalContext().allowTF32CuDNN();
+  const bool depthwise = use_depthwise_kernels(p);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t pixels = p.n * sh.output_plane;  // N * OH * OW
+
+  dispatch_cuda_dtype(op, input.scalar_type(), [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    using Acc = acc_t<T>;
+    const at::TensorOptions acc_options = accumulator_options(input, std::is_same_v<T, double>);
+    T* grad_weight_ptr = mutable_data_or_null<T>(grad_weight);
+    T* grad_bias_ptr = mutable_data_or_null<T>(grad_bias);
+    if (pixels == 0) {
+      // Empty batch: grad_input is empty; the weight and bias gradients are empty sums.
+      if (want_weight)
+        launch_sum_partials<T>(nullptr, 0, grad_weight.numel(), grad_weight_ptr, stream);
+      if (want_bias) launch_sum_partials<T>(nullptr, 0, p.k, grad_bias_ptr, stream);
+      return;
+    }
+
+    // First pass: g = grad_output * act'(saved) and the bias partial sums.
+    const at::Tensor g =
+        want_input || want_weight ? at::empty(p.output_sizes(), input.options()) : at::Tensor();
+    const RangeSplit bias_ranges = plan_ranges(p.k, pixels);
+    const at::Tensor bias_partial =
+        want_bias ? at::empty({bias_ranges.ranges, p.k}, acc_options) : at::Tensor();
+    const OutputView<T> grad_output_view{data_or_null<T>(grad_output), grad_output.stride(0),
+                                         grad_output.stride(1), grad_output.stride(2),
+                                         grad_output.stride(3)};
+    const OutputView<T> saved_view{data_or_null<T>(saved), saved.stride(0), saved.stride(1),
+                                   saved.stride(2), saved.stride(3)};
+    TORCH_CHECK_VALUE(p.k <= INT32_MAX, op, ": too many output channels for the CUDA kernel");
+    const dim3 first_pass_grid(static_cast<unsigned>(p.k),
+                               static_cast<unsigned>(bias_ranges.ranges));
+    dispatch_activation(p.activation, [&](auto act_tag) {
+      constexpr Activation A = decltype(act_tag)::value;
+      activation_grad_kernel<T, A><<<first_pass_grid, kBlockThreads, 0, stream>>>(
+          sh, grad_output_view, saved_view, mutable_data_or_null<T>(g),
+          mutable_data_or_null<Acc>(bias_partial), static_cast<Acc>(negative_slope), pixels,
+          bias_ranges.range_len);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (want_bias) {
+      launch_sum_partials<T>(data_or_null<Acc>(bias_partial), bias_ranges.ranges, p.k,
+                             grad_bias_ptr, stream);
+    }
+
+    const T* g_ptr = data_or_null<T>(g);
+    const T* x_ptr = data_or_null<T>(input);
+    const T* w_ptr = data_or_null<T>(w);
+    if (want_input && grad_input.numel() > 0) {
+      T* grad_input_ptr = mutable_data_or_null<T>(grad_input);
+      if (depthwise) {
+        const int64_t total = grad_input.numel();
+        depthwise_input_grad_kernel<T><<<elementwise_blocks(total), kBlockThreads, 0, stream>>>(
+            sh, g_ptr, w_ptr, grad_input_ptr, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        const InputGradGemm<T> gemm{sh,
+                                    g_ptr,
+                                    w_ptr,
+                                    grad_input_ptr,
+                                    sh.c_per_group,
+                                    p.n * sh.input_plane,
+                                    sh.k_per_group * sh.kernel_area};
+        dispatch_tile_math<T>(allow_tf32, [&](auto math_tag) {
+          using Math = typename decltype(math_tag)::type;
+          cuda::launch_implicit_gemm<Math>(op, gemm, p.groups, 1, gemm.depth_size, stream);
+        });
+      }
+    }
+
+    if (want_weight) {
+      const int64_t weight_numel = grad_weight.numel();  // K * Cg * R * S
+      if (depthwise) {
+        const RangeSplit ranges = plan_ranges(weight_numel, pixels);
+        TORCH_CHECK_VALUE(weight_numel <= INT32_MAX, op, ": weight too large for the CUDA kernel");
+        const at::Tensor partial = at::empty({ranges.ranges, weight_numel}, acc_options);
+        const dim3 grid(static_cast<unsigned>(weight_numel), static_cast<unsigned>(ranges.ranges));
+        depthwise_weight_grad_kernel<T><<<grid, kBlockThreads, 0, stream>>>(
+            sh, g_ptr, x_ptr, mutable_data_or_null<Acc>(partial), pixels, ranges.range_len);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_sum_partials<T>(data_or_null<Acc>(partial), ranges.ranges, weight_numel,
+                               grad_weight_ptr, stream);
+        return;
+      }
+      dispatch_tile_math<T>(allow_tf32, [&](auto math_tag) {
+        using Math = typename decltype(math_tag)::type;
+        const int64_t cols = sh.c_per_group * sh.kernel_area;
+        const int64_t tiles =
+            ceil_div(sh.k_per_group, Math::kBM) * ceil_div(cols, Math::kBN) * p.groups;
+        const RangeSplit split = plan_depth_split(tiles, p.groups, pixels, Math::kBK);
+        const at::Tensor partial = at::empty({split.ranges, p.k, cols}, acc_options);
+        const WeightGradGemm<T> gemm{
+            sh, g_ptr, x_ptr, mutable_data_or_null<Acc>(partial), sh.k_per_group, cols, pixels};
+        cuda::launch_implicit_gemm<Math>(op, gemm, p.groups, split.ranges, split.range_len, stream);
+        launch_sum_partials<T>(data_or_null<Acc>(partial), split.ranges, weight_numel,
+                               grad_weight_ptr, stream);
+      });
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace mtlcore
+
+TORCH_LIBRARY_IMPL(mtlcore, CUDA, m) {
+  m.impl("conv2d_act", &mtlcore::conv2d_act_cuda);
+  m.impl("conv2d_act_with_preact", &mtlcore::conv2d_act_with_preact_cuda);
+  m.impl("conv2d_act_backward", &mtlcore::conv2d_act_backward_cuda);
+}
