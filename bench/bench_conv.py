@@ -8,7 +8,7 @@ Forward+backward computes the weight and bias gradients and, except for the firs
 large matmul measured in the same run; "% of peak" is the op's GFLOP/s (2 N K C R S OH OW
 flops per pass, three passes for forward+backward with the input gradient, two without) over
 it. Peak memory of forward+backward is measured in a fresh process per contender (CPU: growth
-of the peak resident set size; CUDA: torch.cuda.max_memory_allocated).
+of the resident set's high-water mark, reset before the step; CUDA: max_memory_allocated).
 
     python bench/bench_conv.py [--device cuda] [--dtype float16] [--quick] [--no-compile]
 
@@ -85,23 +85,29 @@ def training_step(fn, x, w, b, pad, grad, input_grad: bool):
 def peak_memory(name: str, shape, device: str, dtype: str, activation: str) -> float:
     """Extra peak memory (bytes) of one forward+backward, measured in a fresh process."""
     code = f"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import bench_conv as b
 x, w, bias, pad = b.make({shape!r}, {device!r}, getattr(torch, {dtype!r}))
 fn = b.contenders({activation!r}, False)[{name!r}]
 grad = torch.randn(b.output_shape({shape!r}), device={device!r}, dtype=x.dtype)
 input_grad = {shape[1] != 3}
+def status(field):  # kB values of /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
 if {device!r} == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
 else:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak resident set size
+        f.write("5")
+    base = status("VmRSS")
 grads = b.training_step(fn, x, w, bias, pad, grad, input_grad)
 if {device!r} == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated()
 else:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM")
 print(json.dumps(peak - base))
 """
     run = subprocess.run(

@@ -49,6 +49,13 @@ struct Simd<float> {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V relu(V a) { return _mm512_max_ps(zero(), a); }  // max returns a NaN a
+  // The first n lanes (0 <= n <= kLanes); the others read as zero / are not written.
+  static V load_first(const float* p, int n) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  static void store_first(float* p, V v, int n) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+  }
   // a > 0 ? a : b (false for NaN a).
   static V select_positive(V a, V b) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, zero(), _CMP_GT_OQ), b, a);
@@ -65,6 +72,12 @@ struct Simd<double> {
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm512_add_pd(a, b); }
   static V relu(V a) { return _mm512_max_pd(zero(), a); }
+  static V load_first(const double* p, int n) {
+    return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+  }
+  static void store_first(double* p, V v, int n) {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), v);
+  }
   static V select_positive(V a, V b) {
     return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(a, zero(), _CMP_GT_OQ), b, a);
   }
@@ -81,6 +94,12 @@ struct Simd<float> {
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V relu(V a) { return _mm256_max_ps(zero(), a); }  // max returns a NaN a
+  // The first n lanes (0 <= n <= kLanes); the others read as zero / are not written.
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V load_first(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_first(float* p, V v, int n) { _mm256_maskstore_ps(p, mask(n), v); }
   static V select_positive(V a, V b) {
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(a, zero(), _CMP_GT_OQ));
   }
@@ -96,6 +115,11 @@ struct Simd<double> {
   static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static V add(V a, V b) { return _mm256_add_pd(a, b); }
   static V relu(V a) { return _mm256_max_pd(zero(), a); }
+  static __m256i mask(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static V load_first(const double* p, int n) { return _mm256_maskload_pd(p, mask(n)); }
+  static void store_first(double* p, V v, int n) { _mm256_maskstore_pd(p, mask(n), v); }
   static V select_positive(V a, V b) {
     return _mm256_blendv_pd(b, a, _mm256_cmp_pd(a, zero(), _CMP_GT_OQ));
   }
@@ -117,6 +141,13 @@ struct GenericSimd {
   static V fma(V a, V b, V c) { return a * b + c; }
   static V add(V a, V b) { return a + b; }
   static V relu(V a) { return a < T(0) ? V{} : a; }
+  // The first n lanes (0 <= n <= kLanes); the others read as zero / are not written.
+  static V load_first(const T* p, int n) {
+    V v{};
+    std::memcpy(&v, p, sizeof(T) * n);
+    return v;
+  }
+  static void store_first(T* p, V v, int n) { std::memcpy(p, &v, sizeof(T) * n); }
   static V select_positive(V a, V b) { return a > T(0) ? a : b; }
 };
 template <>
@@ -139,9 +170,9 @@ T lane_sum(typename Simd<T>::V v) {
 // Blocking
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kMr = 6;          // rows of A per micro-tile
-constexpr int64_t kKc = 256;        // depth rows per block
+constexpr int64_t kKc = 128;        // depth rows per block
 constexpr int64_t kPanels = 8;      // B panels per pixel block
-constexpr int64_t kPc = 256;        // pixels per weight-gradient chunk
+constexpr int64_t kPc = 1024;       // pixels per weight-gradient chunk
 constexpr int64_t kDotM = 4;        // weight-gradient tile: rows of G ...
 constexpr int64_t kDotN = 3;        // ... times depth rows of X
 constexpr int64_t kMaxWgRows = 48;  // depth rows per weight-gradient job
@@ -313,10 +344,6 @@ typename Simd<T>::V vector_activation(typename Simd<T>::V z, typename Simd<T>::V
   }
 }
 
-// Accumulates one kMr x kNr tile over a depth block: A block (kc x kMr, packed) times B panel
-// (kc x kNr, packed); then, for a full tile, applies the epilogue from the registers (partial
-// sums of earlier depth blocks added, and after the last block bias, preact and activation);
-// for an edge tile, writes the sums to `tile` for store_tile().
 // B operand of the micro-kernel: a packed panel (row d at b + d * kNr) ...
 template <typename T>
 struct PackedPanel {
@@ -331,9 +358,13 @@ struct ImageWindow {
   const T* row(int64_t d) const { return base + offsets[d]; }
 };
 
+// Accumulates one kMr x kNr tile over a depth block: A block (kc x kMr, packed) times B panel
+// (kc x kNr); then applies the epilogue e from the registers to the tile's first `rows` rows
+// and `cols` pixels: partial sums of earlier depth blocks added, and after the last block
+// bias, preact and activation (masked loads/stores when cols < kNr).
 template <typename T, Activation A, typename B>
-void micro_kernel(int64_t kc, const T* __restrict a, const B b, T* __restrict tile,
-                  const Epilogue<T>* e, int64_t i0, int64_t p, bool first, bool last) {
+void micro_kernel(int64_t kc, const T* __restrict a, const B b, const Epilogue<T>& e, int64_t i0,
+                  int64_t rows, int64_t p, int64_t cols, bool first, bool last) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
@@ -352,74 +383,58 @@ void micro_kernel(int64_t kc, const T* __restrict a, const B b, T* __restrict ti
     }
     a += kMr;
   }
-  if (e == nullptr) {
-#pragma GCC unroll 8
-    for (int i = 0; i < kMr; ++i) {
-      S::store(tile + i * 2 * L, acc0[i]);
-      S::store(tile + i * 2 * L + L, acc1[i]);
+  const bool full = cols == 2 * L;
+  const int n0 = static_cast<int>(std::min<int64_t>(cols, L));
+  const int n1 = static_cast<int>(std::max<int64_t>(cols - L, 0));
+  const auto load = [&](const T* q, int n) { return n == L ? S::load(q) : S::load_first(q, n); };
+  const auto store = [&](T* q, V v, int n) {
+    if (n == L) {
+      S::store(q, v);
+    } else if (n > 0) {
+      S::store_first(q, v, n);
     }
-    return;
-  }
-  const V slope = S::broadcast(e->negative_slope);
+  };
+  const V slope = S::broadcast(e.negative_slope);
 #pragma GCC unroll 8
   for (int i = 0; i < kMr; ++i) {
-    T* o = e->out + (i0 + i) * e->ld + p;
+    if (i >= rows) break;  // rows of A beyond m are zero padding
+    T* o = e.out + (i0 + i) * e.ld + p;
     V z0 = acc0[i], z1 = acc1[i];
     if (!first) {
-      z0 = S::add(z0, S::load(o));
-      z1 = S::add(z1, S::load(o + L));
+      z0 = S::add(z0, full ? S::load(o) : load(o, n0));
+      z1 = S::add(z1, full ? S::load(o + L) : load(o + L, n1));
     }
     if (last) {
-      if (e->bias != nullptr) {
-        const V bias = S::broadcast(e->bias[i0 + i]);
+      if (e.bias != nullptr) {
+        const V bias = S::broadcast(e.bias[i0 + i]);
         z0 = S::add(z0, bias);
         z1 = S::add(z1, bias);
       }
-      if (e->preact != nullptr) {
-        T* pre = e->preact + (i0 + i) * e->ld + p;
-        S::store(pre, z0);
-        S::store(pre + L, z1);
+      if (e.preact != nullptr) {
+        T* pre = e.preact + (i0 + i) * e.ld + p;
+        store(pre, z0, n0);
+        store(pre + L, z1, n1);
       }
       if constexpr (kVectorActivation<A>) {
         z0 = vector_activation<T, A>(z0, slope);
         z1 = vector_activation<T, A>(z1, slope);
       }
     }
-    S::store(o, z0);
-    S::store(o + L, z1);
+    if (full) {
+      S::store(o, z0);
+      S::store(o + L, z1);
+    } else {
+      store(o, z0, n0);
+      store(o + L, z1, n1);
+    }
   }
   if constexpr (!kVectorActivation<A>) {
     if (last) {
-      for (int i = 0; i < kMr; ++i) {
-        T* o = e->out + (i0 + i) * e->ld + p;
-        for (int j = 0; j < 2 * L; ++j) o[j] = act::forward<A, T>(o[j], e->negative_slope);
+      for (int64_t i = 0; i < rows; ++i) {
+        T* o = e.out + (i0 + i) * e.ld + p;
+        for (int64_t j = 0; j < cols; ++j) o[j] = act::forward<A, T>(o[j], e.negative_slope);
       }
     }
-  }
-}
-
-// Writes rows [i0, i0 + rows) x pixels [p, p + cols) of an edge tile: partial sums of earlier
-// depth blocks are added, and after the last block the epilogue (bias, preact, activation).
-template <typename T, Activation A>
-void store_tile(const T* tile, const Epilogue<T>& e, int64_t i0, int64_t rows, int64_t p,
-                int64_t cols, bool first, bool last) {
-  constexpr int64_t nr = kNr<T>;
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* t = tile + i * nr;
-    T* __restrict o = e.out + (i0 + i) * e.ld + p;
-    if (!last) {
-      if (first) {
-        std::copy(t, t + cols, o);
-      } else {
-        for (int64_t j = 0; j < cols; ++j) o[j] += t[j];
-      }
-      continue;
-    }
-    const T b = e.bias != nullptr ? e.bias[i0 + i] : T(0);
-    T z[nr];
-    for (int64_t j = 0; j < cols; ++j) z[j] = (first ? t[j] : t[j] + o[j]) + b;
-    if (e.preact != nullptr) std::copy(z, z + cols, e.preact + (i0 + i) * e.ld + p);
-    for (int64_t j = 0; j < cols; ++j) o[j] = act::forward<A, T>(z[j], e.negative_slope);
   }
 }
 
@@ -428,15 +443,8 @@ void store_tile(const T* tile, const Epilogue<T>& e, int64_t i0, int64_t rows, i
 template <typename T, Activation A, typename B>
 void tile_rows(const T* a, int64_t kc, int64_t m, const B b, const Epilogue<T>& e, int64_t p,
                int64_t cols, bool first, bool last) {
-  alignas(64) T tile[kMr * kNr<T>];
   for (int64_t i0 = 0; i0 < m; i0 += kMr) {
-    const int64_t rows = std::min(kMr, m - i0);
-    if (rows == kMr && cols == kNr<T>) {
-      micro_kernel<T, A>(kc, a + i0 * kc, b, nullptr, &e, i0, p, first, last);
-    } else {
-      micro_kernel<T, A>(kc, a + i0 * kc, b, tile, nullptr, 0, 0, first, last);
-      store_tile<T, A>(tile, e, i0, rows, p, cols, first, last);
-    }
+    micro_kernel<T, A>(kc, a + i0 * kc, b, e, i0, std::min(kMr, m - i0), p, cols, first, last);
   }
 }
 
