@@ -25,10 +25,15 @@ export PYTHONPATH=$PWD/build/gpu-site${PYTHONPATH:+:$PYTHONPATH}
 $PY -m mtlcore info | tee "$OUT/gpu_info.json"
 
 echo "== CUDA tests =="
-$PY -m pytest tests -q -m cuda -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+$PY -m pytest tests -q -m cuda -p no:cacheprovider --maxfail=25 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== CUDA benchmarks =="
 $PY bench/bench_optim.py --device cuda 2>&1 | tee "$OUT/gpu_bench_optim.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for dtype in float32 float16 bfloat16; do
+  $PY bench/bench_conv.py --device cuda --dtype "$dtype" --no-compile --quick 2>&1 \
+    | tee "$OUT/gpu_bench_conv_$dtype.log" | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
 exit $status
