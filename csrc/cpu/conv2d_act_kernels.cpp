@@ -2,26 +2,31 @@
 // instruction set (MTLCORE_ISA = base, avx2 or avx512).
 //
 // Layout. GEMM C = A * B with A packed once per call: for each depth block of kKc rows, each
-//   block of kMr rows of A is stored depth-major ([kc][kMr]); B is gathered from the image per
-//   depth block into panels of kNr pixels ([kc][kNr]), kNcb pixels at a time, so that one
-//   panel (kc * kNr elements) stays in L1 and the packed A block in L2 while the micro-kernel
-//   runs over all row blocks of A.
+//   block of kMr rows of A is stored depth-major ([kc][kMr]). B comes either straight from a
+//   zero-padded image (direct_gemm: row d of a tile = kNr consecutive pixels at a tabled
+//   offset) or, for other strides, is gathered per depth block into panels of kNr pixels
+//   ([kc][kNr]), kPanels panels at a time (gemm). A depth block of B for one tile stays in L1
+//   and the packed A block in L2 while the micro-kernel runs over all row blocks of A.
 // Micro-kernel. kMr x kNr outer products: 2 * kMr vector accumulators held in registers over
 //   the depth block, one broadcast of A and two vector loads of B per depth step. The
-//   epilogue (partial-sum accumulation across depth blocks, bias, activation, preact) runs on
-//   the kMr x kNr tile just written, while it is in L1: the output is written once per depth
-//   block, and for depth <= kKc (every layer of a small CNN) exactly once.
+//   epilogue (partial sums of earlier depth blocks, bias, preact, activation) is applied to the
+//   registers and stored with masked stores at the right and bottom edges: the output is
+//   written once per depth block, and for depth <= kKc exactly once. identity, relu and
+//   leaky_relu are vector code; the other activations run element-wise on the stored tile.
 // Weight gradient. Dot products along pixels: kDotM x kDotN vector accumulators, G rows read in
-//   place (zero-padded), X rows gathered for kPc pixels at a time; each thread owns a band of
-//   depth rows, so no reduction between threads is needed (results do not depend on the
-//   thread count).
+//   place (zero-padded), X rows gathered for kPc pixels at a time. The accumulators stay
+//   lane-wise vectors across all images of the job and their lanes are added once at its end.
+//   Each job owns a band of depth rows, so no reduction between threads is needed.
 // Numerics. Accumulation in T (float or double), fused multiply-add where the ISA has it (avx2,
 //   avx512), separate multiply and add in the base path. The depth sum of one output runs in
-//   depth order; results differ between ISA paths only through FMA rounding.
+//   depth order and every output is computed by one thread, so results do not depend on the
+//   thread count; they differ between ISA paths through FMA rounding and the lane count.
 #include "cpu/conv2d_act_kernels.h"
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(MTLCORE_ISA_AVX2) || defined(MTLCORE_ISA_AVX512)
 #include <immintrin.h>
@@ -503,17 +508,20 @@ void gemm(const GemmJob<T>& job, T* workspace) {
 // Weight gradient
 // ---------------------------------------------------------------------------------------------
 
-// acc[i * ld_acc + j] += sum_t a[i * lda + t] * b[j * ldb + t] over t < len (a multiple of the
-// vector width) for i < MI, j < NJ.
+// Lane-wise dot products: vacc[(i * ld_acc + j) * kLanes + lane] += sum over t = lane (mod
+// kLanes) of a[i * lda + t] * b[j * ldb + t], t < len (a multiple of the vector width), for
+// i < MI, j < NJ. The accumulators stay vectors across calls (images and pixel chunks); their
+// lanes are added once, at the end of the job.
 template <int MI, int NJ, typename T>
 void dot_tile(int64_t len, const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
-              T* acc, int64_t ld_acc) {
+              T* vacc, int64_t ld_acc) {
   using S = Simd<T>;
   using V = typename S::V;
+  constexpr int L = S::kLanes;
   V s[MI][NJ];
   for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < NJ; ++j) s[i][j] = S::zero();
-  for (int64_t t = 0; t < len; t += S::kLanes) {
+    for (int j = 0; j < NJ; ++j) s[i][j] = S::load(vacc + (i * ld_acc + j) * L);
+  for (int64_t t = 0; t < len; t += L) {
     V bj[NJ];
     for (int j = 0; j < NJ; ++j) bj[j] = S::load(b + j * ldb + t);
     for (int i = 0; i < MI; ++i) {
@@ -522,15 +530,14 @@ void dot_tile(int64_t len, const T* __restrict a, int64_t lda, const T* __restri
     }
   }
   for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < NJ; ++j) acc[i * ld_acc + j] += lane_sum<T>(s[i][j]);
+    for (int j = 0; j < NJ; ++j) S::store(vacc + (i * ld_acc + j) * L, s[i][j]);
 }
 
 template <typename T>
 void weight_grad(const WeightGradJob<T>& job, T* workspace) {
+  constexpr int64_t L = Simd<T>::kLanes;
   const int64_t rows = job.d_end - job.d_begin;
-  T* dw = job.dw + job.d_begin;
-  for (int64_t k = 0; k < job.m; ++k)
-    std::fill(dw + k * job.dw_ld, dw + k * job.dw_ld + rows, T(0));
+  std::vector<T> vacc(job.m * rows * L, T(0));  // [k][d][lane]
   const int64_t m_full = job.m / kDotM * kDotM, rows_full = rows / kDotN * kDotN;
   for (int64_t n = 0; n < job.num_images; ++n) {
     Gather<T> x = job.x;
@@ -538,29 +545,33 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
     const T* g = job.g + n * job.g_image_stride;
     for (int64_t p0 = 0; p0 < job.pixels; p0 += kPc) {
       const int64_t count = std::min(kPc, job.pixels - p0);
-      const int64_t len = round_up(count, Simd<T>::kLanes);
+      const int64_t len = round_up(count, L);
       pack_b<0>(x, job.d_begin, rows, p0, p0 + count, len, 0, workspace);
       const T* gp = g + p0;
+      const auto tile = [&](auto mi, auto nj, int64_t k, int64_t j) {
+        dot_tile<decltype(mi)::value, decltype(nj)::value>(len, gp + k * job.g_ld, job.g_ld,
+                                                           workspace + j * len, len,
+                                                           vacc.data() + (k * rows + j) * L, rows);
+      };
+      using One = std::integral_constant<int, 1>;
+      using M = std::integral_constant<int, kDotM>;
+      using N = std::integral_constant<int, kDotN>;
       for (int64_t k = 0; k < m_full; k += kDotM) {
-        for (int64_t j = 0; j < rows_full; j += kDotN) {
-          dot_tile<kDotM, kDotN>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
-                                 dw + k * job.dw_ld + j, job.dw_ld);
-        }
-        for (int64_t j = rows_full; j < rows; ++j) {
-          dot_tile<kDotM, 1>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
-                             dw + k * job.dw_ld + j, job.dw_ld);
-        }
+        for (int64_t j = 0; j < rows_full; j += kDotN) tile(M{}, N{}, k, j);
+        for (int64_t j = rows_full; j < rows; ++j) tile(M{}, One{}, k, j);
       }
       for (int64_t k = m_full; k < job.m; ++k) {
-        for (int64_t j = 0; j < rows_full; j += kDotN) {
-          dot_tile<1, kDotN>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
-                             dw + k * job.dw_ld + j, job.dw_ld);
-        }
-        for (int64_t j = rows_full; j < rows; ++j) {
-          dot_tile<1, 1>(len, gp + k * job.g_ld, job.g_ld, workspace + j * len, len,
-                         dw + k * job.dw_ld + j, job.dw_ld);
-        }
+        for (int64_t j = 0; j < rows_full; j += kDotN) tile(One{}, N{}, k, j);
+        for (int64_t j = rows_full; j < rows; ++j) tile(One{}, One{}, k, j);
       }
+    }
+  }
+  T* dw = job.dw + job.d_begin;
+  for (int64_t k = 0; k < job.m; ++k) {
+    for (int64_t j = 0; j < rows; ++j) {
+      T sum = 0;
+      for (int64_t lane = 0; lane < L; ++lane) sum += vacc[(k * rows + j) * L + lane];
+      dw[k * job.dw_ld + j] = sum;
     }
   }
 }
