@@ -1,8 +1,13 @@
 // mtlcore.conv2d_act on the CPU: argument checks, allocation and the split over threads. The
 // arithmetic is in conv2d_act_kernels.cpp (compiled per ISA, chosen at run time).
 //
-// Layout. input [N, C, H, W] is read through its strides (NCHW, channels_last and views alike);
-//   weight and bias are made contiguous (small). Outputs are new contiguous NCHW tensors.
+// Layout. input [N, C, H, W] is read through its strides (NCHW, channels_last and views alike)
+//   into a zero-padded NCHW copy that the micro-kernels read in place; weight and bias are made
+//   contiguous (small). Outputs are new contiguous NCHW tensors.
+// Kernels. Forward and (unit-stride) input gradient run one of two implicit GEMMs on padded
+//   images: pixel-vectorised (6 channels x 16 pixels of one output row) or channel-vectorised
+//   (16 channels x 6 pixels, any column stride), whichever prefer_channel_tiles() expects to
+//   leave fewer lanes idle; a strided input gradient gathers panels instead.
 // Parallel split (one at::parallel_for per product, torch.set_num_threads governs it):
 //   forward and grad_input: jobs = (image, group, block of up to 8 pixel panels), at least
 //     four jobs per thread when the problem allows; every output element is computed by one
@@ -14,13 +19,14 @@
 //     depends only on the shapes (1, or up to 4 when there are few depth bands) and their
 //     partial sums are added in split order, so grad_weight does not depend on the thread
 //     count either.
-// Memory. The forward keeps nothing besides its outputs. The backward allocates G (the size of
-//   grad_output, rows padded to the vector width), the weights rearranged and packed, and one
-//   small workspace per thread; grad_weight adds partial sums of up to 4 weight-sized buffers.
+// Memory. The forward keeps nothing besides its outputs; while it runs it holds the padded
+//   input copy. The backward allocates G (the size of grad_output, rows padded to the vector
+//   width), a padded copy of G for a unit-stride input gradient, the weights rearranged and
+//   packed, and one small workspace per thread; grad_weight adds partial sums of up to 4
+//   weight-sized buffers. bench/bench_conv.py measures the peak against eager.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -61,17 +67,35 @@ void dispatch_float(const at::Tensor& t, const Fn& fn) {
   }
 }
 
-// Packs `groups` row-major matrices a[g] ([m][depth], contiguous one after another) for gemm().
+// Packs `groups` row-major matrices a[g] ([m][depth], contiguous one after another) in row
+// blocks of `block` for the GEMM kernels.
 template <typename T>
 at::Tensor pack_groups(const ConvKernels<T>& k, const T* a, int64_t groups, int64_t m,
-                       int64_t depth, const at::TensorOptions& options) {
-  const int64_t size = k.packed_a_size(m, depth);
+                       int64_t depth, int64_t block, const at::TensorOptions& options) {
+  const int64_t size = k.packed_a_size(m, depth, block);
   at::Tensor packed = at::empty({groups * size}, options);
   T* dst = packed.data_ptr<T>();
   at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t g = lo; g < hi; ++g) k.pack_a(a + g * m * depth, depth, m, depth, dst + g * size);
+    for (int64_t g = lo; g < hi; ++g) {
+      k.pack_a(a + g * m * depth, depth, m, depth, block, dst + g * size);
+    }
   });
   return packed;
+}
+
+// Whether channel_gemm is expected to beat direct_gemm on an m x (out_w-wide rows) x depth
+// problem: the pixel-vectorised kernel idles the lanes beyond each output row's end and the
+// rows beyond m in its last row block; the channel-vectorised one idles channels beyond m and
+// pays a costlier epilogue (the tile goes through L1 to be transposed), which deep sums hide.
+template <typename T>
+bool prefer_channel_tiles(const ConvKernels<T>& k, int64_t m, int64_t depth, int64_t out_w) {
+  const auto used = [](int64_t n, int64_t block) {
+    return static_cast<double>(n) / static_cast<double>(ceil_div(n, block) * block);
+  };
+  const double d = static_cast<double>(depth);
+  const double pixel = used(out_w, k.nr) * used(m, k.mr) * d / (d + 4.0);
+  const double channel = used(m, k.channel_block) * 0.97 * d / (d + 24.0);
+  return channel > 1.05 * pixel;
 }
 
 // Calls fn(n, g, p_begin, p_end, workspace) for every (image, group, pixel block) of a problem
@@ -190,8 +214,6 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Te
     const ConvKernels<T>& k = kernels<T>();
     const int64_t kg = p.k_per_group(), cg = p.c_per_group(), depth = p.depth();
     const int64_t pixels = p.oh * p.ow;
-    const at::Tensor packed = pack_groups(k, w.data_ptr<T>(), p.groups, kg, depth, w.options());
-    const int64_t packed_size = k.packed_a_size(kg, depth);
     T* o = out.data_ptr<T>();
     T* pre = with_preact ? preact.data_ptr<T>() : nullptr;
     const T* bias_ptr = b.defined() ? b.data_ptr<T>() : nullptr;
@@ -201,34 +223,34 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Te
                          pixels,       bias_ptr != nullptr ? bias_ptr + g * kg : nullptr,
                          p.activation, static_cast<T>(p.negative_slope)};
     };
-    if (p.stride_w == 1) {
-      // Unit column stride: a zero-padded copy of the input, read in place by the micro-kernel.
-      const int64_t hp = p.h + p.pad_top + p.pad_bottom, wp = p.w + p.pad_left + p.pad_right;
-      const at::Tensor padded =
-          pad_images(input.data_ptr<T>(), strides4(input), p.n, p.c, p.h, p.w, p.pad_top,
-                     p.pad_bottom, p.pad_left, p.pad_right, k.nr, input.options());
-      const std::vector<int64_t> offsets = window_offsets(cg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
-      const T* xp = padded.data_ptr<T>();
-      for_each_gemm_job(k, p.n, p.groups, pixels,
-                        [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T*) {
-                          k.direct_gemm({packed.data_ptr<T>() + g * packed_size, kg, depth,
-                                         xp + (n * p.c + g * cg) * hp * wp, offsets.data(),
-                                         p.stride_h * wp, p.ow, pb, pe, epilogue(n, g)});
-                        });
-      return;
-    }
-    const T* x = input.data_ptr<T>();
+    // A zero-padded copy of the input, read in place by the micro-kernels: the
+    // channel-vectorised kernel for any column stride, the pixel-vectorised one for unit
+    // stride when it wastes fewer lanes.
+    const bool channels = p.stride_w != 1 || prefer_channel_tiles(k, kg, depth, p.ow);
+    const int64_t block = channels ? k.channel_block : k.mr;
+    const at::Tensor packed =
+        pack_groups(k, w.data_ptr<T>(), p.groups, kg, depth, block, w.options());
+    const int64_t packed_size = k.packed_a_size(kg, depth, block);
+    const int64_t hp = p.h + p.pad_top + p.pad_bottom, wp = p.w + p.pad_left + p.pad_right;
+    const at::Tensor padded =
+        pad_images(input.data_ptr<T>(), strides4(input), p.n, p.c, p.h, p.w, p.pad_top,
+                   p.pad_bottom, p.pad_left, p.pad_right, k.nr, input.options());
+    const std::vector<int64_t> offsets = window_offsets(cg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
+    const T* xp = padded.data_ptr<T>();
     for_each_gemm_job(k, p.n, p.groups, pixels,
-                      [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T* workspace) {
-                        GemmJob<T> job{};
-                        job.a_packed = packed.data_ptr<T>() + g * packed_size;
-                        job.m = kg;
-                        job.depth = depth;
-                        job.b = input_gather(p, input, x, n, g);
-                        job.p_begin = pb;
-                        job.p_end = pe;
-                        job.epilogue = epilogue(n, g);
-                        k.gemm(job, workspace);
+                      [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T*) {
+                        const DirectGemmJob<T> job{packed.data_ptr<T>() + g * packed_size,
+                                                   kg,
+                                                   depth,
+                                                   xp + (n * p.c + g * cg) * hp * wp,
+                                                   offsets.data(),
+                                                   p.stride_h * wp,
+                                                   p.stride_w,
+                                                   p.ow,
+                                                   pb,
+                                                   pe,
+                                                   epilogue(n, g)};
+                        (channels ? k.channel_gemm : k.direct_gemm)(job);
                       });
   });
   return {out, preact};
@@ -307,8 +329,11 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
       }
     }
   }
-  const at::Tensor packed = pack_groups(k, wt.data(), p.groups, cg, depth, grad_input.options());
-  const int64_t packed_size = k.packed_a_size(cg, depth);
+  const bool channels = direct && prefer_channel_tiles(k, cg, depth, p.w);
+  const int64_t block = channels ? k.channel_block : k.mr;
+  const at::Tensor packed =
+      pack_groups(k, wt.data(), p.groups, cg, depth, block, grad_input.options());
+  const int64_t packed_size = k.packed_a_size(cg, depth, block);
   T* dx = grad_input.data_ptr<T>();
   const auto epilogue = [&](int64_t n, int64_t grp) {
     return Epilogue<T>{
@@ -324,9 +349,18 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
     const T* gp = padded.data_ptr<T>();
     for_each_gemm_job(k, p.n, p.groups, pixels,
                       [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T*) {
-                        k.direct_gemm({packed.data_ptr<T>() + grp * packed_size, cg, depth,
-                                       gp + (n * p.k + grp * kg) * hp * wp, offsets.data(), wp, p.w,
-                                       pb, pe, epilogue(n, grp)});
+                        const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
+                                                   cg,
+                                                   depth,
+                                                   gp + (n * p.k + grp * kg) * hp * wp,
+                                                   offsets.data(),
+                                                   wp,
+                                                   1,
+                                                   p.w,
+                                                   pb,
+                                                   pe,
+                                                   epilogue(n, grp)};
+                        (channels ? k.channel_gemm : k.direct_gemm)(job);
                       });
     return;
   }

@@ -191,22 +191,22 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Packing
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-int64_t packed_a_size(int64_t m, int64_t depth) {
-  return round_up(m, kMr) * depth;
+int64_t packed_a_size(int64_t m, int64_t depth, int64_t block) {
+  return round_up(m, block) * depth;
 }
 
-// Packed A: depth block starting at d0 (kc rows), row block ib at
-//   packed + d0 * round_up(m, kMr) + ib * kc * kMr, laid out [kc][kMr], rows >= m zero.
+// Packed A in row blocks of `block` rows: depth block starting at d0 (kc rows), row block ib at
+//   packed + d0 * round_up(m, block) + ib * kc * block, laid out [kc][block], rows >= m zero.
 template <typename T>
-void pack_a(const T* a, int64_t lda, int64_t m, int64_t depth, T* packed) {
-  const int64_t m_pad = round_up(m, kMr);
+void pack_a(const T* a, int64_t lda, int64_t m, int64_t depth, int64_t block, T* packed) {
+  const int64_t m_pad = round_up(m, block);
   for (int64_t d0 = 0; d0 < depth; d0 += kKc) {
     const int64_t kc = std::min(kKc, depth - d0);
-    for (int64_t i0 = 0; i0 < m_pad; i0 += kMr) {
+    for (int64_t i0 = 0; i0 < m_pad; i0 += block) {
       T* dst = packed + d0 * m_pad + i0 * kc;
       for (int64_t d = 0; d < kc; ++d) {
-        for (int64_t i = 0; i < kMr; ++i) {
-          dst[d * kMr + i] = i0 + i < m ? a[(i0 + i) * lda + d0 + d] : T(0);
+        for (int64_t i = 0; i < block; ++i) {
+          dst[d * block + i] = i0 + i < m ? a[(i0 + i) * lda + d0 + d] : T(0);
         }
       }
     }
@@ -498,6 +498,100 @@ void direct_gemm(const DirectGemmJob<T>& job) {
                       [&](auto a) { direct_gemm_impl<T, decltype(a)::value>(job); });
 }
 
+// The channel-vectorised variant of direct_gemm: micro-tiles of kCh = 2 * kLanes output
+// channels (two vectors, A packed in blocks of kCh rows) by kPx pixels, each pixel's B value
+// broadcast from its own window (any column stride, and a tile may cross output rows), so no
+// lane is idle at any image width. Better than the pixel-vectorised kernel for narrow images
+// and deep sums; the epilogue transposes the tile through L1.
+constexpr int64_t kPx = 6;
+
+template <typename T, Activation A>
+void channel_tile(int64_t kc, const T* __restrict a, const T* const* bases,
+                  const int64_t* __restrict offsets, const Epilogue<T>& e, int64_t i0, int64_t rows,
+                  int64_t p, int64_t cols, bool first, bool last) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  const T* b0 = bases[0];
+  const T* b1 = bases[1];
+  const T* b2 = bases[2];
+  const T* b3 = bases[3];
+  const T* b4 = bases[4];
+  const T* b5 = bases[5];
+  V acc[kPx][2];
+#pragma GCC unroll 8
+  for (int j = 0; j < kPx; ++j) acc[j][0] = acc[j][1] = S::zero();
+  for (int64_t d = 0; d < kc; ++d) {
+    const int64_t off = offsets[d];
+    const V a0 = S::load(a);
+    const V a1 = S::load(a + L);
+    const T* const b[kPx] = {b0, b1, b2, b3, b4, b5};
+#pragma GCC unroll 8
+    for (int j = 0; j < kPx; ++j) {
+      const V bj = S::broadcast(b[j][off]);
+      acc[j][0] = S::fma(a0, bj, acc[j][0]);
+      acc[j][1] = S::fma(a1, bj, acc[j][1]);
+    }
+    a += 2 * L;
+  }
+  alignas(64) T tile[kPx][2 * L];
+#pragma GCC unroll 8
+  for (int j = 0; j < kPx; ++j) {
+    S::store(tile[j], acc[j][0]);
+    S::store(tile[j] + L, acc[j][1]);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    T* o = e.out + (i0 + i) * e.ld + p;
+    if (!last) {
+      for (int64_t j = 0; j < cols; ++j) o[j] = first ? tile[j][i] : o[j] + tile[j][i];
+      continue;
+    }
+    const T bias = e.bias != nullptr ? e.bias[i0 + i] : T(0);
+    T* pre = e.preact != nullptr ? e.preact + (i0 + i) * e.ld + p : nullptr;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T z = (first ? tile[j][i] : o[j] + tile[j][i]) + bias;
+      if (pre != nullptr) pre[j] = z;
+      o[j] = act::forward<A, T>(z, e.negative_slope);
+    }
+  }
+}
+
+template <typename T, Activation A>
+void channel_gemm_impl(const DirectGemmJob<T>& job) {
+  constexpr int64_t ch = kNr<T>;  // channels per micro-tile: two vectors
+  const int64_t m_pad = round_up(job.m, ch);
+  int64_t y = job.p_begin / job.out_w, x = job.p_begin % job.out_w;
+  for (int64_t p = job.p_begin; p < job.p_end; p += kPx) {
+    const int64_t cols = std::min(kPx, job.p_end - p);
+    const T* bases[kPx];
+    for (int64_t j = 0; j < kPx; ++j) {
+      if (j < cols) {
+        bases[j] = job.src + y * job.row_step + x * job.col_step;
+        if (++x == job.out_w) {
+          x = 0;
+          ++y;
+        }
+      } else {
+        bases[j] = bases[0];  // a valid address; the column is not stored
+      }
+    }
+    for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
+      const int64_t kc = std::min(kKc, job.depth - d0);
+      for (int64_t i0 = 0; i0 < job.m; i0 += ch) {
+        channel_tile<T, A>(kc, job.a_packed + d0 * m_pad + i0 * kc, bases, job.offsets + d0,
+                           job.epilogue, i0, std::min(ch, job.m - i0), p, cols, d0 == 0,
+                           d0 + kc == job.depth);
+      }
+    }
+  }
+}
+
+template <typename T>
+void channel_gemm(const DirectGemmJob<T>& job) {
+  dispatch_activation(job.epilogue.activation,
+                      [&](auto a) { channel_gemm_impl<T, decltype(a)::value>(job); });
+}
+
 template <typename T>
 void gemm(const GemmJob<T>& job, T* workspace) {
   dispatch_activation(job.epilogue.activation,
@@ -630,6 +724,8 @@ double activation_grad_plane(Activation activation, T slope, const T* go, int64_
 template <typename T>
 constexpr ConvKernels<T> make_kernels() {
   return {kNr<T>,
+          kMr,
+          kNr<T>,
           Simd<T>::kLanes,
           kMaxWgRows,
           std::max(kKc * kPanels * kNr<T>, kMaxWgRows * kPc),
@@ -637,6 +733,7 @@ constexpr ConvKernels<T> make_kernels() {
           &pack_a<T>,
           &gemm<T>,
           &direct_gemm<T>,
+          &channel_gemm<T>,
           &weight_grad<T>,
           &activation_grad_plane<T>};
 }

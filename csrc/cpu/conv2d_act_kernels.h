@@ -58,17 +58,18 @@ struct GemmJob {
   Epilogue<T> epilogue;
 };
 
-// One implicit-GEMM job on a zero-padded image with unit column stride: B[d][pixel (y, x)] =
-// src[y * row_step + x + offsets[d]] (no bounds checks: the caller pads the image so that every
-// window is inside, with kNr elements of slack at the end). Rows [0, m) of C for the pixels
-// [p_begin, p_end) of one image/group.
+// One implicit-GEMM job on a zero-padded image: B[d][pixel (y, x)] =
+// src[y * row_step + x * col_step + offsets[d]] (no bounds checks: the caller pads the image so
+// that every window is inside, with kNr elements of slack at the end). Rows [0, m) of C for the
+// pixels [p_begin, p_end) of one image/group. direct_gemm needs col_step == 1 (it loads kNr
+// consecutive pixels); channel_gemm takes any.
 template <typename T>
 struct DirectGemmJob {
   const T* a_packed;
   int64_t m, depth;
   const T* src;
   const int64_t* offsets;
-  int64_t row_step, out_w;
+  int64_t row_step, col_step, out_w;
   int64_t p_begin, p_end;
   Epilogue<T> epilogue;
 };
@@ -92,15 +93,19 @@ struct WeightGradJob {
 
 template <typename T>
 struct ConvKernels {
-  int64_t nr;                    // pixels per B panel
+  int64_t nr;                    // pixels per B panel (pixel-vectorised kernels)
+  int64_t mr;                    // A row block of gemm / direct_gemm
+  int64_t channel_block;         // A row block of channel_gemm (output channels per tile)
   int64_t lanes;                 // vector width in elements: G rows are padded to a multiple
   int64_t max_weight_grad_rows;  // most depth rows one weight-gradient job may take
   int64_t workspace;             // elements of scratch memory one thread needs
-  int64_t (*packed_a_size)(int64_t m, int64_t depth);
-  // Packs row-major A [m][depth] (row stride lda) for gemm().
-  void (*pack_a)(const T* a, int64_t lda, int64_t m, int64_t depth, T* packed);
+  int64_t (*packed_a_size)(int64_t m, int64_t depth, int64_t block);
+  // Packs row-major A [m][depth] (row stride lda) in row blocks of `block` (mr for gemm and
+  // direct_gemm, channel_block for channel_gemm).
+  void (*pack_a)(const T* a, int64_t lda, int64_t m, int64_t depth, int64_t block, T* packed);
   void (*gemm)(const GemmJob<T>& job, T* workspace);
   void (*direct_gemm)(const DirectGemmJob<T>& job);
+  void (*channel_gemm)(const DirectGemmJob<T>& job);
   void (*weight_grad)(const WeightGradJob<T>& job, T* workspace);
   // One [oh, ow] plane of the backward's first pass: g = grad_output * act'(saved) stored
   // contiguously (row after row) to g; returns the sum of g (the plane's bias-gradient share).
