@@ -349,7 +349,8 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.mtlcore.conv2d_act_backward.default, backward_args)
 
 
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(device, backend):
     def block(x, w1, b1, w2):
         y = ops.conv2d_act(x, w1, b1, padding="same", activation="gelu")
         return ops.conv2d_act(y, w2, None, stride=2, activation="relu").sum()
@@ -359,7 +360,7 @@ def test_compile_fullgraph(device):
     w1 = torch.randn(8, 3, 3, 3, generator=gen).to(device).requires_grad_()
     b1 = torch.randn(8, generator=gen).to(device).requires_grad_()
     w2 = torch.randn(4, 8, 3, 3, generator=gen).to(device).requires_grad_()
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
     got = compiled(x, w1, b1, w2)
     want = block(x, w1, b1, w2)
     assert_close(got, want)
