@@ -99,17 +99,18 @@ bool prefer_channel_tiles(const ConvKernels<T>& k, int64_t m, int64_t depth, int
 }
 
 // Calls fn(n, g, p_begin, p_end, workspace) for every (image, group, pixel block) of a problem
-// with `pixels` output pixels per image, the blocks spread over the threads.
+// with `pixels` output pixels per image, the blocks spread over the threads. Each thread gets
+// `workspace` elements of scratch (0 for the direct kernels, which read the image in place).
 template <typename T, typename Fn>
 void for_each_gemm_job(const ConvKernels<T>& k, int64_t images, int64_t groups, int64_t pixels,
-                       const Fn& fn) {
+                       int64_t workspace_size, const Fn& fn) {
   const int64_t panels = ceil_div(pixels, k.nr);
   const int64_t per_image = images * groups;
   int64_t blocks = ceil_div(panels, 8);
   const int64_t wanted = 4 * at::get_num_threads();
   if (per_image * blocks < wanted) blocks = std::min(panels, ceil_div(wanted, per_image));
   at::parallel_for(0, per_image * blocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> workspace(k.workspace);
+    std::vector<T> workspace(workspace_size);
     for (int64_t job_index = lo; job_index < hi; ++job_index) {
       const int64_t blk = job_index % blocks, ng = job_index / blocks;
       const int64_t p_begin = blk * panels / blocks * k.nr;
@@ -237,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Te
                    p.pad_bottom, p.pad_left, p.pad_right, k.nr, input.options());
     const std::vector<int64_t> offsets = window_offsets(cg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
     const T* xp = padded.data_ptr<T>();
-    for_each_gemm_job(k, p.n, p.groups, pixels,
+    for_each_gemm_job(k, p.n, p.groups, pixels, 0,
                       [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T*) {
                         const DirectGemmJob<T> job{packed.data_ptr<T>() + g * packed_size,
                                                    kg,
@@ -272,11 +273,11 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act_with_preact_cpu(
                  true);
 }
 
-// g = grad_output * act'(saved) as [N, K, row_len] (zero beyond oh * ow) and the bias
-// gradient (sum of g per channel) into grad_bias when it is defined.
+// g = grad_output * act'(saved) as [N, K, row_len] (zero beyond oh * ow) and, unless db is
+// null, the bias gradient db[K] (sum of g per channel).
 template <typename T>
 void activation_grad(const ConvKernels<T>& k, const Conv2dParams& p, const at::Tensor& grad_out,
-                     const at::Tensor& saved, int64_t row_len, T* g, at::Tensor& grad_bias) {
+                     const at::Tensor& saved, int64_t row_len, T* g, T* db) {
   const int64_t pixels = p.oh * p.ow, planes = p.n * p.k;
   std::vector<double> plane_sums(planes);
   const T* go = grad_out.data_ptr<T>();
@@ -293,8 +294,7 @@ void activation_grad(const ConvKernels<T>& k, const Conv2dParams& p, const at::T
       std::fill(row + pixels, row + row_len, T(0));
     }
   });
-  if (!grad_bias.defined()) return;
-  T* db = grad_bias.data_ptr<T>();
+  if (db == nullptr) return;
   for (int64_t c = 0; c < p.k; ++c) {
     double sum = 0;
     for (int64_t n = 0; n < p.n; ++n) sum += plane_sums[n * p.k + c];
@@ -347,7 +347,7 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
                    ext_h - p.pad_bottom, left, ext_w - p.pad_right, k.nr, grad_input.options());
     const std::vector<int64_t> offsets = window_offsets(kg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
     const T* gp = padded.data_ptr<T>();
-    for_each_gemm_job(k, p.n, p.groups, pixels,
+    for_each_gemm_job(k, p.n, p.groups, pixels, 0,
                       [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T*) {
                         const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
                                                    cg,
@@ -364,7 +364,7 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
                       });
     return;
   }
-  for_each_gemm_job(k, p.n, p.groups, pixels,
+  for_each_gemm_job(k, p.n, p.groups, pixels, k.workspace,
                     [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T* workspace) {
                       GemmJob<T> job{};
                       job.a_packed = packed.data_ptr<T>() + grp * packed_size;
@@ -473,9 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
     const ConvKernels<T>& k = kernels<T>();
     const int64_t row_len = ceil_div(p.oh * p.ow, k.lanes) * k.lanes;
     at::Tensor g = at::empty({p.n, p.k, row_len}, input.options());
-    at::Tensor no_bias;
     activation_grad(k, p, grad_output, saved, row_len, g.data_ptr<T>(),
-                    output_mask[2] ? grad_bias : no_bias);
+                    output_mask[2] ? grad_bias.data_ptr<T>() : nullptr);
     if (output_mask[0]) input_grad(k, p, g.data_ptr<T>(), row_len, w.data_ptr<T>(), grad_input);
     if (output_mask[1]) weight_grad(k, p, g.data_ptr<T>(), row_len, input, grad_weight);
   });
