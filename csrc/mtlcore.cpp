@@ -32,6 +32,32 @@ TORCH_LIBRARY(mtlcore, m) {
       "int[] stride, int[] padding, int[] dilation, int groups, str activation, "
       "float negative_slope, bool[3] output_mask) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // All T task losses of a multi-task model in one call (kinds: ce, bce, mse, l1; see
+  // common/multitask_loss_args.h): per_task[i] is task i's mean loss over its valid elements
+  // (0 when it has none) and total = sum_i w_i L_i + sum_ij R_ij L_i L_j (weights default to
+  // ones, relation to zero). total and per_task are float32 (float64 for float64 logits).
+  // Differentiable (C++ autograd): the gradient is computed in the forward pass.
+  m.def(
+      "multitask_loss(Tensor[] logits, Tensor[] targets, str[] kinds, Tensor? weights, "
+      "Tensor? relation, int ignore_index, float label_smoothing) -> "
+      "(Tensor total, Tensor per_task)");
+  // The same, also returning what backward needs: grad_scale[i] = 1 / (valid elements of task
+  // i), or 0 when it has none, and grads[i], the gradient of task i's summed loss with respect
+  // to logits[i] (contiguous, logits' dtype), computed in the same pass as the loss.
+  m.def(
+      "multitask_loss_with_grad(Tensor[] logits, Tensor[] targets, str[] kinds, Tensor? weights, "
+      "Tensor? relation, int ignore_index, float label_smoothing) -> "
+      "(Tensor total, Tensor per_task, Tensor grad_scale, Tensor[] grads)");
+  // Gradients of multitask_loss from those of total ([]) and per_task ([T]), either may be
+  // absent. Only scales the forward's gradients: grad_logits[i] = coef_i * grads[i] with
+  // coef_i = (grad_total * (w_i + sum_j (R_ij + R_ji) L_j) + grad_per_task_i) * grad_scale_i;
+  // grad_weights = grad_total * L, grad_relation = grad_total * L L^T. output_mask says which
+  // of (grad_logits, grad_weights, grad_relation) to compute; the others come back empty.
+  m.def(
+      "multitask_loss_backward(Tensor? grad_total, Tensor? grad_per_task, Tensor per_task, "
+      "Tensor grad_scale, Tensor[] grads, Tensor? weights, Tensor? relation, "
+      "bool[3] output_mask) -> (Tensor[] grad_logits, Tensor grad_weights, "
+      "Tensor grad_relation)");
   // Fused SGD update (torch.optim.SGD arithmetic) over lists of tensors, in place.
   // grads are written (divided by grad_scale) only when grad_scale is given, as torch's fused
   // optimizers do; with momentum == 0, momentum_buffers may be empty.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-__all__ = ["ACTIVATIONS", "adam_", "conv2d_act", "sgd_"]
+__all__ = ["ACTIVATIONS", "LOSS_KINDS", "adam_", "conv2d_act", "multitask_loss", "sgd_"]
 
 
 def as_float(name: str, value: float | Tensor) -> float:
@@ -384,3 +384,104 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "mtlcore::conv2d_act_with_preact", _conv2d_act_backward, setup_context=_conv2d_act_setup
 )
+
+
+# --------------------------------------------------------------------------------------------
+# multitask_loss
+# --------------------------------------------------------------------------------------------
+
+#: The task kinds multitask_loss computes.
+LOSS_KINDS = ("ce", "bce", "mse", "l1")
+
+
+def multitask_loss(
+    logits: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    kinds: Sequence[str],
+    weights: Tensor | None = None,
+    relation: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """All task losses of a multi-task model, their weighted and coupled total, in one call.
+
+    Task ``i`` is ``kinds[i]`` on ``logits[i]`` and ``targets[i]``:
+
+    - ``"ce"``: softmax cross-entropy over dim 1 of ``[B, C]`` or dense ``[B, C, d1, ...]``
+      logits, int64 class targets ``[B]`` / ``[B, d1, ...]``; ``ignore_index`` and
+      ``label_smoothing`` exactly as ``F.cross_entropy``.
+    - ``"bce"``: ``F.binary_cross_entropy_with_logits``; ``"mse"``, ``"l1"``: regression.
+      Float targets of the logits' shape; a NaN target is a missing label.
+
+    Returns ``(total, per_task)``: ``per_task[i]`` is task ``i``'s mean loss over its valid
+    elements, 0 (with zero gradient, never NaN) when it has none, and::
+
+        total = sum_i weights[i] * per_task[i] + sum_ij relation[i, j] * per_task[i] * per_task[j]
+
+    ``weights`` ``[T]`` defaults to ones, ``relation`` ``[T, T]`` to zero. Differentiable in
+    the logits, ``weights`` and ``relation``, for gradients flowing into ``total``,
+    ``per_task`` or both. The gradient with respect to each task's logits is computed in the
+    forward pass, in the same pass as its loss; backward only scales it by
+    ``d total / d per_task[i] = weights[i] + sum_j (relation[i, j] + relation[j, i]) per_task[j]``.
+    Memory kept for backward: one gradient the size of each task's logits, in their dtype.
+
+    Math in float32 whatever the logits' dtype (float64 for float64 logits); ``total`` and
+    ``per_task`` are float32 (float64). Logits: float32, float64, float16, bfloat16; all tasks
+    in one dtype (logits of mixed dtypes are promoted here). Heads of one ``Linear`` split with
+    ``torch.split`` are read in place. Under ``torch.autocast``, fp16/bf16 logits are read as
+    they are (no cast to float32 is needed: the math is in float32). Gradients are rounded to
+    the logits' dtype once in the forward pass and once more when backward scales them.
+    """
+    logits = list(logits)
+    targets = list(targets)
+    kinds = [str(k) for k in kinds]
+    if not (len(logits) == len(targets) == len(kinds)):
+        raise ValueError(
+            "mtlcore.multitask_loss: logits, targets and kinds must have one entry per task, "
+            f"got {len(logits)}, {len(targets)} and {len(kinds)}"
+        )
+    if len(logits) == 0:
+        raise ValueError("mtlcore.multitask_loss: needs at least one task")
+    dtypes = {x.dtype for x in logits}
+    if len(dtypes) > 1 and all(d.is_floating_point for d in dtypes):
+        common = logits[0].dtype
+        for x in logits[1:]:
+            common = torch.promote_types(common, x.dtype)
+        logits = [x.to(common) for x in logits]
+    return torch.ops.mtlcore.multitask_loss(
+        logits, targets, kinds, weights, relation, int(ignore_index), float(label_smoothing)
+    )
+
+
+def _loss_dtype(logits: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if logits[0].dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("mtlcore::multitask_loss")
+def _multitask_loss_fake(logits, targets, kinds, weights, relation, ignore_index, smoothing):
+    torch._check(len(logits) >= 1, lambda: "multitask_loss needs at least one task")
+    dtype = _loss_dtype(logits)
+    return logits[0].new_empty([], dtype=dtype), logits[0].new_empty([len(logits)], dtype=dtype)
+
+
+@torch.library.register_fake("mtlcore::multitask_loss_with_grad")
+def _multitask_loss_with_grad_fake(
+    logits, targets, kinds, weights, relation, ignore_index, smoothing
+):
+    total, per_task = _multitask_loss_fake(
+        logits, targets, kinds, weights, relation, ignore_index, smoothing
+    )
+    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in logits]
+    return total, per_task, torch.empty_like(per_task), grads
+
+
+@torch.library.register_fake("mtlcore::multitask_loss_backward")
+def _multitask_loss_backward_fake(
+    grad_total, grad_per_task, per_task, grad_scale, grads, weights, relation, mask
+):
+    t = per_task.shape[0]
+    grad_logits = [g.new_empty(g.shape) if mask[0] else g.new_empty([0]) for g in grads]
+    grad_weights = per_task.new_empty([t] if mask[1] else [0])
+    grad_relation = per_task.new_empty([t, t] if mask[2] else [0])
+    return grad_logits, grad_weights, grad_relation

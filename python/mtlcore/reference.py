@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["adam_", "apply_activation", "conv2d_act", "sgd_"]
+__all__ = ["adam_", "apply_activation", "conv2d_act", "multitask_loss", "sgd_"]
 
 
 def _skip(found_inf: Tensor | None) -> bool:
@@ -143,3 +143,64 @@ def conv2d_act(
     (differentiable through autograd)."""
     z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return apply_activation(z, activation, negative_slope)
+
+
+def task_loss(
+    logits: Tensor,
+    target: Tensor,
+    kind: str,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """One task's mean loss over its valid elements (0 when there is none), in float32 (float64
+    for float64 logits), as :func:`multitask_loss` defines it. Differentiable; the gradient of a
+    task with no valid element is zero, not NaN."""
+    math = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(math)
+    if kind == "ce":
+        valid = target != ignore_index
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        logp = torch.log_softmax(x, dim=1)
+        nll = -logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * -logp.mean(dim=1)
+    elif kind in ("bce", "mse", "l1"):
+        valid = ~torch.isnan(target)
+        y = torch.where(valid, target.to(math), torch.zeros((), dtype=math, device=x.device))
+        if kind == "bce":
+            loss = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        elif kind == "mse":
+            loss = (x - y).square()
+        else:
+            loss = (x - y).abs()
+    else:
+        raise ValueError(f"unknown task kind {kind!r}")
+    loss = torch.where(valid, loss, torch.zeros((), dtype=math, device=x.device))
+    count = valid.sum()
+    return loss.sum() / count.clamp(min=1).to(math)
+
+
+def multitask_loss(
+    logits: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    kinds: Sequence[str],
+    weights: Tensor | None = None,
+    relation: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """``(total, per_task)`` of :func:`mtlcore.ops.multitask_loss`, one task at a time::
+
+    total = sum_i weights[i] * per_task[i] + sum_ij relation[i, j] * per_task[i] * per_task[j]
+    """
+    per_task = torch.stack(
+        [
+            task_loss(x, y, k, ignore_index, label_smoothing)
+            for x, y, k in zip(logits, targets, kinds, strict=True)
+        ]
+    )
+    total = per_task.sum() if weights is None else (weights.to(per_task.dtype) * per_task).sum()
+    if relation is not None:
+        r = relation.to(per_task.dtype)
+        total = total + (r * per_task[:, None] * per_task[None, :]).sum()
+    return total, per_task

@@ -1,0 +1,290 @@
+// mtlcore.multitask_loss on the CPU: the driver of the loops in multitask_loss_kernels.cpp.
+//
+// Layout: every task is read through its TaskView (common/multitask_loss_args.h); gradients are
+//   new contiguous tensors in the logits' dtype.
+// Parallel split: each task is cut into work items of about kItemElements logits (ce rows
+//   whole, dense ce by pixel ranges, bce/mse/l1 by rows or by element ranges of long rows);
+//   the items of all tasks form one list that one at::parallel_for spreads over the threads.
+//   Items depend only on the shapes, so per-item sums added in list order give results that do
+//   not depend on the thread count. Calls with few elements run on the calling thread.
+// Numerics: per-element math in float (double for double logits), loss sums in double; the
+//   coupling and the backward coefficients in double (tiny T-sized arrays).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <vector>
+
+#include "common/cpu_isa.h"
+#include "common/multitask_loss_args.h"
+#include "cpu/multitask_loss_kernels.h"
+
+namespace mtlcore::cpu {
+
+namespace {
+
+constexpr int64_t kItemElements = 1 << 12;    // logits per work item
+constexpr int64_t kSerialElements = 1 << 14;  // below this, threads cost more than they save
+
+const MultitaskLossLoops& loops() { MTLCORE_ISA_SELECT(multitask_loss_loops); }
+
+int dtype_index(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return 0;
+    case at::kDouble:
+      return 1;
+    case at::kHalf:
+      return 2;
+    case at::kBFloat16:
+      return 3;
+    default:
+      TORCH_CHECK(false, "mtlcore.multitask_loss: unsupported dtype ", t);
+  }
+}
+
+struct WorkItem {
+  size_t task;
+  LossWork work;
+};
+
+// Cuts the tasks into items of about kItemElements logits. A position (a ce row, a dense ce
+// pixel, an element) costs C logits for ce and one for the other kinds.
+std::vector<WorkItem> plan_work(const std::vector<TaskView>& views) {
+  std::vector<WorkItem> items;
+  for (size_t i = 0; i < views.size(); ++i) {
+    const TaskView& v = views[i];
+    if (v.numel() == 0) continue;
+    const bool ce = v.kind == LossKind::kCe;
+    const int64_t positions = ce ? v.inner : v.classes;                // per item b
+    const int64_t cost = ce ? v.classes : 1;                           // logits per position
+    const int64_t chunk = std::max<int64_t>(1, kItemElements / cost);  // positions per item
+    if (positions <= chunk) {
+      const int64_t rows = std::max<int64_t>(1, chunk / positions);
+      for (int64_t b = 0; b < v.batch; b += rows) {
+        items.push_back({i, {b, std::min(v.batch, b + rows), 0, positions}});
+      }
+    } else {
+      for (int64_t b = 0; b < v.batch; ++b) {
+        for (int64_t s = 0; s < positions; s += chunk) {
+          items.push_back({i, {b, b + 1, s, std::min(positions, s + chunk)}});
+        }
+      }
+    }
+  }
+  return items;
+}
+
+// A small CPU tensor ([], [T] or [T, T]) as doubles; an empty vector for none.
+std::vector<double> to_doubles(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return {};
+  const at::Tensor c =
+      t->is_contiguous() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble)
+          ? *t
+          : t->to(at::kDouble).contiguous();
+  const int64_t n = c.numel();
+  if (c.scalar_type() == at::kFloat) {
+    const float* p = c.const_data_ptr<float>();
+    return std::vector<double>(p, p + n);
+  }
+  const double* p = c.const_data_ptr<double>();
+  return std::vector<double>(p, p + n);
+}
+
+at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef shape,
+                        const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+  if (t.scalar_type() == at::kDouble) {
+    std::copy(v.begin(), v.end(), t.data_ptr<double>());
+  } else {
+    std::transform(v.begin(), v.end(), t.data_ptr<float>(),
+                   [](double x) { return static_cast<float>(x); });
+  }
+  return t;
+}
+
+const double* or_null(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
+
+struct ForwardResult {
+  at::Tensor total, per_task, grad_scale;
+  std::vector<at::Tensor> grads;
+};
+
+ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targets,
+                      const std::vector<std::string>& kinds,
+                      const std::optional<at::Tensor>& weights,
+                      const std::optional<at::Tensor>& relation, int64_t ignore_index,
+                      double label_smoothing, bool with_grad) {
+  const MultitaskLossProblem p = check_multitask_loss_args(
+      op, logits, targets, kinds, weights, relation, ignore_index, label_smoothing,
+      {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+  ForwardResult r;
+  if (with_grad) r.grads = p.new_grads(logits);
+  const std::vector<TaskView> views = p.views(r.grads);
+  const std::vector<WorkItem> items = plan_work(views);
+  std::vector<LossPartial> partials(items.size());
+
+  const MultitaskLossLoops& table = loops();
+  const int di = dtype_index(p.dtype);
+  const LossOptions options{ignore_index, label_smoothing};
+  const auto run = [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const WorkItem& it = items[static_cast<size_t>(k)];
+      const TaskView& v = views[it.task];
+      partials[static_cast<size_t>(k)] =
+          table.loss[static_cast<int>(v.kind)][di][v.target_is_float32 ? 1 : 0](v, it.work,
+                                                                                options);
+    }
+  };
+  int64_t elements = 0;
+  for (const auto& v : views) elements += v.numel();
+  const auto n = static_cast<int64_t>(items.size());
+  if (elements < kSerialElements) {
+    run(0, n);
+  } else {
+    at::parallel_for(0, n, 1, run);
+  }
+
+  const size_t t = p.num_tasks();
+  std::vector<double> sum(t, 0.0), loss(t, 0.0), scale(t, 0.0);
+  std::vector<int64_t> count(t, 0);
+  for (size_t k = 0; k < items.size(); ++k) {
+    const LossPartial& part = partials[k];
+    const size_t i = items[k].task;
+    TORCH_CHECK_VALUE(!part.bad_label, op, ": targets[", i, "] holds the label ", part.label,
+                      " at flat position ", part.position, ", outside [0, ", views[i].classes,
+                      ") for logits[", i, "] of shape ", logits[i].sizes(),
+                      " (and not ignore_index=", ignore_index, ")");
+    sum[i] += part.sum;
+    count[i] += part.count;
+  }
+  for (size_t i = 0; i < t; ++i) {
+    if (count[i] > 0) {
+      loss[i] = sum[i] / static_cast<double>(count[i]);
+      scale[i] = 1.0 / static_cast<double>(count[i]);
+    }
+  }
+  const std::vector<double> w = to_doubles(p.weights);
+  const std::vector<double> rel = to_doubles(p.relation);
+  const double total =
+      coupled_total(static_cast<int64_t>(t), loss.data(), or_null(w), or_null(rel));
+  const auto options_out = logits[0].options().dtype(p.loss_dtype);
+  const auto nt = static_cast<int64_t>(t);
+  r.per_task = from_doubles(loss, {nt}, options_out);
+  r.total = from_doubles({total}, {}, options_out);
+  if (with_grad) r.grad_scale = from_doubles(scale, {nt}, options_out);
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> multitask_loss_cpu(at::TensorList logits, at::TensorList targets,
+                                                      const std::vector<std::string>& kinds,
+                                                      const std::optional<at::Tensor>& weights,
+                                                      const std::optional<at::Tensor>& relation,
+                                                      int64_t ignore_index,
+                                                      double label_smoothing) {
+  ForwardResult r = forward("mtlcore.multitask_loss", logits, targets, kinds, weights, relation,
+                            ignore_index, label_smoothing, false);
+  return {r.total, r.per_task};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>
+multitask_loss_with_grad_cpu(at::TensorList logits, at::TensorList targets,
+                             const std::vector<std::string>& kinds,
+                             const std::optional<at::Tensor>& weights,
+                             const std::optional<at::Tensor>& relation, int64_t ignore_index,
+                             double label_smoothing) {
+  ForwardResult r = forward("mtlcore.multitask_loss_with_grad", logits, targets, kinds, weights,
+                            relation, ignore_index, label_smoothing, true);
+  return {r.total, r.per_task, r.grad_scale, r.grads};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multitask_loss_backward_cpu(
+    const std::optional<at::Tensor>& grad_total, const std::optional<at::Tensor>& grad_per_task,
+    const at::Tensor& per_task, const at::Tensor& grad_scale, at::TensorList grads,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& relation,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "mtlcore.multitask_loss_backward";
+  check_multitask_loss_backward_args(op, grad_total, grad_per_task, per_task, grad_scale, grads,
+                                     weights, relation);
+  const int64_t t = per_task.size(0);
+  const std::vector<double> loss = to_doubles(per_task);
+  const std::vector<double> g_total_v = to_doubles(grad_total);
+  const double g_total = g_total_v.empty() ? 0.0 : g_total_v[0];
+  const auto options = per_task.options();
+  const auto empty = [&](const at::TensorOptions& o) { return at::empty({0}, o); };
+
+  std::vector<at::Tensor> grad_logits;
+  if (output_mask[0]) {
+    const std::vector<double> scale = to_doubles(grad_scale);
+    const std::vector<double> g_pt = to_doubles(grad_per_task);
+    const std::vector<double> w = to_doubles(weights);
+    const std::vector<double> rel = to_doubles(relation);
+    std::vector<double> coef(static_cast<size_t>(t));
+    coupled_coefficients(t, loss.data(), or_null(w), or_null(rel), g_total, or_null(g_pt),
+                         scale.data(), coef.data());
+    // Chunks of kItemElements over all tasks, one parallel region.
+    std::vector<std::array<int64_t, 3>> chunks;  // task, begin, end
+    int64_t elements = 0;
+    for (int64_t i = 0; i < t; ++i) {
+      const at::Tensor& g = grads[static_cast<size_t>(i)];
+      grad_logits.push_back(at::empty(g.sizes(), g.options()));
+      for (int64_t b = 0; b < g.numel(); b += kItemElements) {
+        chunks.push_back({i, b, std::min(g.numel(), b + kItemElements)});
+      }
+      elements += g.numel();
+    }
+    const MultitaskLossLoops& table = loops();
+    const auto run = [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const auto [i, b, e] = chunks[static_cast<size_t>(k)];
+        const at::Tensor& g = grads[static_cast<size_t>(i)];
+        const at::Tensor& out = grad_logits[static_cast<size_t>(i)];
+        const int64_t bytes = g.element_size() * b;
+        table.scale[dtype_index(g.scalar_type())](
+            static_cast<const char*>(g.const_data_ptr()) + bytes,
+            static_cast<char*>(out.data_ptr()) + bytes, e - b, coef[static_cast<size_t>(i)]);
+      }
+    };
+    const auto n = static_cast<int64_t>(chunks.size());
+    if (elements < kSerialElements) {
+      run(0, n);
+    } else {
+      at::parallel_for(0, n, 1, run);
+    }
+  } else {
+    for (const auto& g : grads) grad_logits.push_back(empty(g.options()));
+  }
+
+  at::Tensor grad_weights = empty(options);
+  at::Tensor grad_relation = empty(options);
+  if (output_mask[1]) {
+    std::vector<double> gw(loss.size());
+    for (size_t i = 0; i < loss.size(); ++i) gw[i] = g_total * loss[i];
+    grad_weights = from_doubles(gw, {t}, options);
+  }
+  if (output_mask[2]) {
+    std::vector<double> gr(static_cast<size_t>(t * t));
+    for (int64_t i = 0; i < t; ++i) {
+      for (int64_t j = 0; j < t; ++j) {
+        gr[static_cast<size_t>(i * t + j)] =
+            g_total * loss[static_cast<size_t>(i)] * loss[static_cast<size_t>(j)];
+      }
+    }
+    grad_relation = from_doubles(gr, {t, t}, options);
+  }
+  return {grad_logits, grad_weights, grad_relation};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtlcore, CPU, m) {
+  m.impl("multitask_loss", &multitask_loss_cpu);
+  m.impl("multitask_loss_with_grad", &multitask_loss_with_grad_cpu);
+  m.impl("multitask_loss_backward", &multitask_loss_backward_cpu);
+}
+
+}  // namespace mtlcore::cpu

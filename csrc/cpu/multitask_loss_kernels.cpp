@@ -1,0 +1,474 @@
+// Loops of mtlcore.multitask_loss on the CPU (see multitask_loss_kernels.h), compiled once per
+// instruction set (MTLCORE_ISA = base, avx2 or avx512).
+//
+// Layout. Each loop walks one work item of one task through its TaskView (items b at
+//   b * logits_stride; ce classes S apart; the gradient contiguous).
+//   ce, [B, C] rows with C > kTransposeClasses: one row at a time, loops over the classes; the
+//     row's logits are converted once into a buffer of C math values, which then holds
+//     exp(x - max) for the gradient.
+//   ce, dense [B, C, S]: blocks of kPixels pixels; every loop runs over the pixels of a block
+//     (unit stride, so it vectorises) and the classes are the outer loop. exp(x - max) of the
+//     block is kept in a C x kPixels buffer for the gradient.
+//   ce, [B, C] rows with few classes: blocks of kPixels rows are transposed into a class-major
+//     buffer and run through the dense loops; the gradient is transposed back.
+//   bce, mse, l1: one loop over the elements of each row.
+// Parallel split. None here: csrc/cpu/multitask_loss.cpp cuts tasks into items and spreads
+//   them over the threads.
+// Numerics. Math in float for float, half and bfloat16 logits (double for double); every
+//   stored gradient is rounded once from it. exp and log are our own branch-free float versions
+//   (Cody-Waite range reduction and the Cephes polynomials, about 1 ulp), so the loops
+//   vectorise; for double the C library's. ce uses the max-subtracted log-sum-exp. Loss sums
+//   are accumulated in double; their order is fixed by the item's shape (and the vector width
+//   of the ISA), never by the thread count.
+#include "cpu/multitask_loss_kernels.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifndef MTLCORE_ISA
+#error "compile this file with -DMTLCORE_ISA=<isa namespace>"
+#endif
+
+#define MTLCORE_INLINE inline __attribute__((always_inline))
+
+namespace mtlcore::cpu::MTLCORE_ISA {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// exp and log in float without branches (so they vectorise); the C library's in double.
+// ---------------------------------------------------------------------------------------------
+
+// exp(x) for every float x: exact 0 below -104 (after gradual underflow), inf above 88.73,
+// NaN for NaN. 2^k is applied as two factors so that results in the subnormal range are
+// rounded once.
+MTLCORE_INLINE float exp_math(float x) {
+  const float xc = std::min(std::max(x, -104.0f), 88.75f);
+  const float kf = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = (p * r) * r + r + 1.0f;
+  const int32_t k = static_cast<int32_t>(kf);  // in [-150, 128]
+  const int32_t k1 = k >> 1;
+  const float s1 = std::bit_cast<float>((k1 + 127) << 23);
+  const float s2 = std::bit_cast<float>((k - k1 + 127) << 23);
+  const float y = er * s1 * s2;
+  return x != x ? x : y;
+}
+
+// log(x) for x >= 1 (our callers: sums that include exp(0) = 1), and x = inf or NaN, which
+// come back unchanged.
+MTLCORE_INLINE float log_math(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  int32_t e = ((bits >> 23) & 0xff) - 126;  // x = m * 2^e with m in [0.5, 1)
+  float m = std::bit_cast<float>((bits & 0x007fffff) | 0x3f000000);
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  const float r = m + y + fe * 0.693359375f;
+  return x - x == 0.0f ? r : x;  // false for inf and NaN
+}
+
+MTLCORE_INLINE double exp_math(double x) { return std::exp(x); }
+MTLCORE_INLINE double log_math(double x) { return std::log(x); }
+
+// log(1 + e) for e in [0, 1], accurate for tiny e (u - 1 is exact).
+template <typename A>
+MTLCORE_INLINE A log1p_math(A e) {
+  const A u = A(1) + e;
+  const A d = u - A(1);
+  return d == A(0) ? e : log_math(u) * (e / d);
+}
+
+template <typename A, typename T>
+MTLCORE_INLINE A load(const T* p, int64_t i) {
+  return static_cast<A>(p[i]);
+}
+
+constexpr int64_t kPixels = 64;            // positions per block of the class-major ce loops
+constexpr int64_t kTransposeClasses = 32;  // [B, C] rows with at most this many classes are
+                                           // transposed into class-major blocks
+
+template <typename A>
+struct CeConstants {
+  A keep;    // 1 - label_smoothing: weight of the target's log-probability
+  A smooth;  // label_smoothing / C: weight of every class's
+  CeConstants(const LossOptions& o, int64_t classes)
+      : keep(A(1) - A(o.label_smoothing)), smooth(A(o.label_smoothing) / A(classes)) {}
+};
+
+// The loss of one position from log(sum_c exp(x_c - m)), the target's x_t - m and
+// sum_c (x_c - m): log_softmax = d - log(s), so every term below is >= 0 (no cancellation, and
+// exactly 0 for one class). Without smoothing the sum is left out, as F.cross_entropy does: a
+// -inf logit elsewhere in the row must not turn 0 * -inf into NaN.
+template <typename A>
+MTLCORE_INLINE A ce_loss(A log_s, A d_t, A sum_d, const CeConstants<A>& k) {
+  const A smooth_term = k.smooth == A(0) ? A(0) : k.smooth * sum_d;
+  return log_s - k.keep * d_t - smooth_term;
+}
+
+MTLCORE_INLINE bool bad_label(int64_t t, int64_t classes, const LossOptions& o) {
+  return t != o.ignore_index && (t < 0 || t >= classes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ce over [B, C] rows.
+// ---------------------------------------------------------------------------------------------
+template <typename T, typename A, bool kGrad>
+LossPartial ce_rows(const TaskView& v, const LossWork& w, const LossOptions& o) {
+  const T* logits = static_cast<const T*>(v.logits);
+  const int64_t* target = static_cast<const int64_t*>(v.target);
+  T* grad = static_cast<T*>(v.grad);
+  const int64_t classes = v.classes;
+  const CeConstants<A> k(o, classes);
+  thread_local std::vector<A> buffer;
+  buffer.resize(static_cast<size_t>(classes));
+  A* e = buffer.data();
+  LossPartial out;
+  for (int64_t b = w.b0; b < w.b1; ++b) {
+    const T* x = logits + b * v.logits_stride;
+    T* g = kGrad ? grad + b * classes : nullptr;
+    const int64_t t = target[b * v.target_stride];
+    if (t == o.ignore_index) {
+      if constexpr (kGrad) std::fill(g, g + classes, T(0));
+      continue;
+    }
+    if (bad_label(t, classes, o)) {
+      out.bad_label = true;
+      out.label = t;
+      out.position = b;
+      return out;
+    }
+    A m = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < classes; ++c) {
+      const A xc = load<A>(x, c);
+      e[c] = xc;
+      m = xc > m ? xc : m;
+    }
+    const A d_t = e[t] - m;
+    A s = 0, sum_d = 0;
+#pragma omp simd reduction(+ : s, sum_d)
+    for (int64_t c = 0; c < classes; ++c) {
+      const A d = e[c] - m;
+      const A ec = exp_math(d);
+      e[c] = ec;
+      s += ec;
+      sum_d += d;
+    }
+    const A loss = ce_loss(log_math(s), d_t, sum_d, k);
+    out.sum += static_cast<double>(loss);
+    out.count += 1;
+    if constexpr (kGrad) {
+      const A inv = A(1) / s;
+#pragma omp simd
+      for (int64_t c = 0; c < classes; ++c) g[c] = static_cast<T>(e[c] * inv - k.smooth);
+      g[t] = static_cast<T>(e[t] * inv - k.smooth - k.keep);
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ce on a block of n <= kPixels positions laid out class-major: class c of position p at
+// x[c * stride + p]. Every loop runs over the positions (unit stride: it vectorises) with the
+// classes outside. tt[p] is the position's label, -1 when ignored (it matches no class).
+// ---------------------------------------------------------------------------------------------
+template <typename A>
+struct CeBlock {
+  alignas(64) A m[kPixels], s[kPixels], sum_d[kPixels], d_t[kPixels];
+  alignas(64) int64_t tt[kPixels];
+  std::vector<A> exps;  // C x kPixels: exp(x - max) of the block
+};
+
+template <typename T, typename A, typename G, bool kGrad>
+void ce_block(const T* x, int64_t stride, int64_t n, int64_t classes, const CeConstants<A>& k,
+              CeBlock<A>& blk, G* g, int64_t g_stride, LossPartial* out) {
+  A* m = blk.m;
+  A* s = blk.s;
+  A* sum_d = blk.sum_d;
+  A* d_t = blk.d_t;
+  const int64_t* tt = blk.tt;
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    m[p] = -std::numeric_limits<A>::infinity();
+    s[p] = sum_d[p] = d_t[p] = A(0);
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    const T* xc = x + c * stride;
+#pragma omp simd
+    for (int64_t p = 0; p < n; ++p) {
+      const A xv = load<A>(xc, p);
+      m[p] = xv > m[p] ? xv : m[p];
+    }
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    const T* xc = x + c * stride;
+    A* ec = blk.exps.data() + c * kPixels;
+#pragma omp simd
+    for (int64_t p = 0; p < n; ++p) {
+      const A d = load<A>(xc, p) - m[p];
+      const A ev = exp_math(d);
+      ec[p] = ev;
+      s[p] += ev;
+      sum_d[p] += d;
+      d_t[p] += tt[p] == c ? d : A(0);
+    }
+  }
+  double sum = 0.0;
+  int64_t count = 0;
+#pragma omp simd reduction(+ : sum, count)
+  for (int64_t p = 0; p < n; ++p) {
+    const A loss = ce_loss(log_math(s[p]), d_t[p], sum_d[p], k);
+    const bool valid = tt[p] >= 0;
+    sum += valid ? static_cast<double>(loss) : 0.0;
+    count += valid ? 1 : 0;
+    s[p] = A(1) / s[p];  // from here on: the reciprocal
+  }
+  out->sum += sum;
+  out->count += count;
+  if constexpr (kGrad) {
+    for (int64_t c = 0; c < classes; ++c) {
+      const A* ec = blk.exps.data() + c * kPixels;
+      G* gc = g + c * g_stride;
+#pragma omp simd
+      for (int64_t p = 0; p < n; ++p) {
+        const A gv = ec[p] * s[p] - k.smooth - (tt[p] == c ? k.keep : A(0));
+        gc[p] = static_cast<G>(tt[p] >= 0 ? gv : A(0));
+      }
+    }
+  }
+}
+
+// Reads n labels (stride apart) into blk.tt; false (and *out set) on a label out of range.
+template <typename A>
+bool read_labels(const int64_t* y, int64_t stride, int64_t n, int64_t classes,
+                 int64_t first_position, const LossOptions& o, CeBlock<A>& blk, LossPartial* out) {
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t t = y[p * stride];
+    if (bad_label(t, classes, o)) {
+      out->bad_label = true;
+      out->label = t;
+      out->position = first_position + p;
+      return false;
+    }
+    blk.tt[p] = t == o.ignore_index ? -1 : t;
+  }
+  return true;
+}
+
+template <typename A>
+CeBlock<A>& ce_block_buffers(int64_t classes) {
+  thread_local CeBlock<A> blk;
+  blk.exps.resize(static_cast<size_t>(classes * kPixels));
+  return blk;
+}
+
+// Dense [B, C, S] logits: blocks of kPixels pixels read in place.
+template <typename T, typename A, bool kGrad>
+LossPartial ce_dense(const TaskView& v, const LossWork& w, const LossOptions& o) {
+  const T* logits = static_cast<const T*>(v.logits);
+  const int64_t* target = static_cast<const int64_t*>(v.target);
+  T* grad = static_cast<T*>(v.grad);
+  const int64_t classes = v.classes;
+  const int64_t pixels = v.inner;
+  const CeConstants<A> k(o, classes);
+  CeBlock<A>& blk = ce_block_buffers<A>(classes);
+  LossPartial out;
+  for (int64_t b = w.b0; b < w.b1; ++b) {
+    for (int64_t p0 = w.s0; p0 < w.s1; p0 += kPixels) {
+      const int64_t n = std::min(kPixels, w.s1 - p0);
+      if (!read_labels(target + b * v.target_stride + p0, 1, n, classes, b * pixels + p0, o, blk,
+                       &out)) {
+        return out;
+      }
+      T* g = kGrad ? grad + (b * classes * pixels + p0) : nullptr;
+      ce_block<T, A, T, kGrad>(logits + b * v.logits_stride + p0, pixels, n, classes, k, blk, g,
+                               pixels, &out);
+    }
+  }
+  return out;
+}
+
+// [B, C] rows with few classes: blocks of kPixels rows are transposed into a class-major
+// buffer, so the loops run over rows (a loop over two or ten classes cannot use the vector
+// lanes), and the block's gradient is transposed back.
+template <typename T, typename A, bool kGrad>
+LossPartial ce_rows_transposed(const TaskView& v, const LossWork& w, const LossOptions& o) {
+  const T* logits = static_cast<const T*>(v.logits);
+  const int64_t* target = static_cast<const int64_t*>(v.target);
+  T* grad = static_cast<T*>(v.grad);
+  const int64_t classes = v.classes;
+  const CeConstants<A> k(o, classes);
+  CeBlock<A>& blk = ce_block_buffers<A>(classes);
+  thread_local std::vector<A> xt_buffer;
+  xt_buffer.resize(static_cast<size_t>(classes * kPixels));
+  A* xt = xt_buffer.data();
+  LossPartial out;
+  for (int64_t b0 = w.b0; b0 < w.b1; b0 += kPixels) {
+    const int64_t n = std::min(kPixels, w.b1 - b0);
+    if (!read_labels(target + b0 * v.target_stride, v.target_stride, n, classes, b0, o, blk,
+                     &out)) {
+      return out;
+    }
+    for (int64_t p = 0; p < n; ++p) {
+      const T* row = logits + (b0 + p) * v.logits_stride;
+      for (int64_t c = 0; c < classes; ++c) xt[c * kPixels + p] = load<A>(row, c);
+    }
+    // The gradient goes to the same buffer (each element is read before it is written).
+    ce_block<A, A, A, kGrad>(xt, kPixels, n, classes, k, blk, xt, kPixels, &out);
+    if constexpr (kGrad) {
+      for (int64_t p = 0; p < n; ++p) {
+        T* row = grad + (b0 + p) * classes;
+        for (int64_t c = 0; c < classes; ++c) row[c] = static_cast<T>(xt[c * kPixels + p]);
+      }
+    }
+  }
+  return out;
+}
+
+template <typename T, typename A, bool kGrad>
+LossPartial ce(const TaskView& v, const LossWork& w, const LossOptions& o) {
+  if (v.inner > 1) return ce_dense<T, A, kGrad>(v, w, o);
+  if (v.classes <= kTransposeClasses) return ce_rows_transposed<T, A, kGrad>(v, w, o);
+  return ce_rows<T, A, kGrad>(v, w, o);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bce, mse, l1: element-wise, NaN target = missing.
+// ---------------------------------------------------------------------------------------------
+template <LossKind K, typename A>
+MTLCORE_INLINE void element_loss(A x, A y, A* loss, A* grad) {
+  if constexpr (K == LossKind::kMse) {
+    const A d = x - y;
+    *loss = d * d;
+    *grad = d + d;
+  } else if constexpr (K == LossKind::kL1) {
+    const A d = x - y;
+    *loss = std::abs(d);
+    *grad = d > A(0) ? A(1) : (d < A(0) ? A(-1) : d * A(0));  // 0 at 0, NaN for NaN
+  } else {
+    // max(x, 0) - x y + log(1 + exp(-|x|)); d/dx = sigmoid(x) - y.
+    const A e = exp_math(-std::abs(x));
+    const A u = A(1) + e;
+    *loss = (x > A(0) ? x : A(0)) - x * y + log1p_math(e);
+    *grad = (x >= A(0) ? A(1) : e) / u - y;
+  }
+}
+
+template <LossKind K, typename T, typename Tt, typename A, bool kGrad>
+LossPartial elementwise(const TaskView& v, const LossWork& w, const LossOptions& o) {
+  const T* logits = static_cast<const T*>(v.logits);
+  const Tt* target = static_cast<const Tt*>(v.target);
+  T* grad = static_cast<T*>(v.grad);
+  LossPartial out;
+  for (int64_t b = w.b0; b < w.b1; ++b) {
+    const T* x = logits + b * v.logits_stride;
+    const Tt* y = target + b * v.target_stride;
+    T* g = kGrad ? grad + b * v.classes : nullptr;
+    double sum = 0.0;
+    int64_t count = 0;
+#pragma omp simd reduction(+ : sum, count)
+    for (int64_t j = w.s0; j < w.s1; ++j) {
+      const A yv = load<A>(y, j);
+      A loss, gv;
+      element_loss<K>(load<A>(x, j), yv, &loss, &gv);
+      const bool valid = yv == yv;
+      sum += valid ? static_cast<double>(loss) : 0.0;
+      count += valid ? 1 : 0;
+      if constexpr (kGrad) g[j] = static_cast<T>(valid ? gv : A(0));
+    }
+    out.sum += sum;
+    out.count += count;
+  }
+  return out;
+}
+
+template <typename T>
+using MathOf = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <LossKind K, typename T, typename Tt>
+LossPartial loss_loop(const TaskView& v, const LossWork& w, const LossOptions& o) {
+  using A = MathOf<T>;
+  if constexpr (K == LossKind::kCe) {
+    return v.grad ? ce<T, A, true>(v, w, o) : ce<T, A, false>(v, w, o);
+  } else {
+    return v.grad ? elementwise<K, T, Tt, A, true>(v, w, o)
+                  : elementwise<K, T, Tt, A, false>(v, w, o);
+  }
+}
+
+template <typename T>
+void scale_loop(const void* grad, void* out, int64_t n, double coef) {
+  using A = MathOf<T>;
+  const T* __restrict__ g = static_cast<const T*>(grad);
+  T* __restrict__ o = static_cast<T*>(out);
+  const A c = static_cast<A>(coef);
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) o[k] = static_cast<T>(load<A>(g, k) * c);
+}
+
+// Row of the table for one kind: [dtype][target variant]. float32 targets for double logits
+// never occur (the argument check converts them to double).
+template <LossKind K>
+constexpr std::array<std::array<LossLoop, 2>, 4> kind_loops() {
+  return {{
+      {&loss_loop<K, float, float>, &loss_loop<K, float, float>},
+      {&loss_loop<K, double, double>, &loss_loop<K, double, double>},
+      {&loss_loop<K, c10::Half, c10::Half>, &loss_loop<K, c10::Half, float>},
+      {&loss_loop<K, c10::BFloat16, c10::BFloat16>, &loss_loop<K, c10::BFloat16, float>},
+  }};
+}
+
+constexpr MultitaskLossLoops make_loops() {
+  MultitaskLossLoops t{};
+  const std::array<std::array<std::array<LossLoop, 2>, 4>, 4> loss = {
+      kind_loops<LossKind::kCe>(), kind_loops<LossKind::kBce>(), kind_loops<LossKind::kMse>(),
+      kind_loops<LossKind::kL1>()};
+  for (int k = 0; k < 4; ++k) {
+    for (int d = 0; d < 4; ++d) {
+      for (int tv = 0; tv < 2; ++tv) t.loss[k][d][tv] = loss[k][d][tv];
+    }
+  }
+  t.scale[0] = &scale_loop<float>;
+  t.scale[1] = &scale_loop<double>;
+  t.scale[2] = &scale_loop<c10::Half>;
+  t.scale[3] = &scale_loop<c10::BFloat16>;
+  return t;
+}
+
+}  // namespace
+
+// Constant-initialised: a dynamic initializer here would run this ISA's instructions at load
+// time, on processors that may not have them.
+constinit const MultitaskLossLoops multitask_loss_loops = make_loops();
+
+}  // namespace mtlcore::cpu::MTLCORE_ISA
