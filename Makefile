@@ -50,6 +50,7 @@ run: $(INSTALL_STAMP)
 bench: $(INSTALL_STAMP)
 	$(PY) bench/bench_optim.py
 	$(PY) bench/bench_conv.py
+	$(PY) bench/bench_loss.py
 
 CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 

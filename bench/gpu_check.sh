@@ -36,4 +36,9 @@ for dtype in float32 float16 bfloat16; do
     | tee "$OUT/gpu_bench_conv_$dtype.log" | tail -8
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+for dtype in float32 bfloat16; do
+  $PY bench/bench_loss.py --device cuda --dtype "$dtype" --quick 2>&1 \
+    | tee "$OUT/gpu_bench_loss_$dtype.log" | tail -6
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
 exit $status

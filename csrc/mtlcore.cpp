@@ -58,6 +58,12 @@ TORCH_LIBRARY(mtlcore, m) {
       "Tensor grad_scale, Tensor[] grads, Tensor? weights, Tensor? relation, "
       "bool[3] output_mask) -> (Tensor[] grad_logits, Tensor grad_weights, "
       "Tensor grad_relation)");
+  // multitask_loss_backward's scaling done in place on grads (the forward's gradients become
+  // those of the logits): what the autograd node uses when the graph is not kept, saving an
+  // allocation and a pass over fresh memory.
+  m.def(
+      "multitask_loss_backward_(Tensor? grad_total, Tensor? grad_per_task, Tensor per_task, "
+      "Tensor grad_scale, Tensor(a!)[] grads, Tensor? weights, Tensor? relation) -> ()");
   // Fused SGD update (torch.optim.SGD arithmetic) over lists of tensors, in place.
   // grads are written (divided by grad_scale) only when grad_scale is given, as torch's fused
   // optimizers do; with momentum == 0, momentum_buffers may be empty.

@@ -299,6 +299,21 @@ def test_only_needed_gradients_are_computed(device):
     assert total.grad_fn is None and per_task.grad_fn is None
 
 
+def test_backward_twice_with_retain_graph(device):
+    """A kept graph is scaled into new tensors; the last backward scales the saved gradients in
+    place. Both give the same gradients."""
+    p = random_problem(4, device)
+    total, per_task = ours(p)
+    out = total + per_task.sum()
+    first = torch.autograd.grad(out, p.leaves, retain_graph=True)
+    second = torch.autograd.grad(out, p.leaves, retain_graph=True)
+    last = torch.autograd.grad(out, p.leaves)
+    for a, b, c in zip(first, second, last, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out, p.leaves)
+
+
 def test_memory_kept_for_backward_is_the_logits_size(device):
     """What the graph node saves: one gradient per task, the logits' size and dtype, plus
     T-sized tensors (per-task losses, scales, weights, relation)."""
@@ -398,6 +413,19 @@ def test_opcheck(device):
             torch.ops.mtlcore.multitask_loss_backward.default,
             (g_total, per_task.clone(), per_task, scale, grads, p.weights.detach(), None, mask),
         )
+    expected = torch.ops.mtlcore.multitask_loss_backward(
+        g_total, None, per_task, scale, grads, None, p.relation.detach(), [True, False, False]
+    )[0]
+    in_place = [g.clone() for g in grads]
+    torch.library.opcheck(
+        torch.ops.mtlcore.multitask_loss_backward_.default,
+        (g_total, None, per_task, scale, [g.clone() for g in grads], None, p.relation.detach()),
+    )
+    torch.ops.mtlcore.multitask_loss_backward_(
+        g_total, None, per_task, scale, in_place, None, p.relation.detach()
+    )
+    for a, e in zip(in_place, expected, strict=True):
+        assert torch.equal(a, e)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

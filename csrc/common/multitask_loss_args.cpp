@@ -106,6 +106,8 @@ MultitaskLossProblem check_multitask_loss_args(const char* op, at::TensorList lo
                         "] (ce) must have shape ", at::IntArrayRef(expected),
                         " for logits of shape ", x.sizes(), ", got ", y.sizes());
       TORCH_CHECK_VALUE(x.size(1) >= 1, op, ": logits[", i, "] (ce) must have at least one class");
+      TORCH_CHECK_VALUE(x.size(1) < (int64_t{1} << 31), op, ": logits[", i,
+                        "] (ce) has more than 2^31 - 1 classes");
       // Dense logits are read contiguously; [B, C] rows and [B] targets in place.
       p.logits.push_back(x.dim() == 2 ? readable(x) : x.contiguous());
       p.targets.push_back(y.dim() == 1 ? readable(y) : y.contiguous());

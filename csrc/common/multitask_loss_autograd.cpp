@@ -14,6 +14,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -42,10 +43,16 @@ using ForwardSig = std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::Tensor
 using WithGradSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     at::TensorList, at::TensorList, const std::vector<std::string>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, double);
+using BackwardInPlaceSig = void(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                const at::Tensor&, const at::Tensor&, at::TensorList,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 using BackwardSig = std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
     const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, std::array<bool, 3>);
+
+// Keys of tensors that belong to a tracer rather than to memory of their own.
+const c10::DispatchKeySet kTracerKeys({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
@@ -87,20 +94,41 @@ struct MultitaskLossBackward : public Node {
     for (size_t i = 0; i < t; ++i) any_logits = any_logits || should_compute_output(i);
     const std::array<bool, 3> mask{any_logits, has_weights && should_compute_output(t),
                                    has_relation && should_compute_output(t + 1)};
-    // The forward's gradients; empty stand-ins when the logits need none.
-    std::vector<at::Tensor> saved;
-    saved.reserve(t);
-    for (const auto& g : grads) {
-      saved.push_back(
-          mask[0] ? g.unpack()
-                  : at::empty({0}, g_total.defined() ? g_total.options() : g_per_task.options()));
-    }
     const auto opt = [](const at::Tensor& x) {
       return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt;
     };
-    auto [grad_logits, grad_weights, grad_relation] = op.call(
-        opt(g_total), opt(g_per_task), per_task.unpack(), grad_scale.unpack(), saved,
-        unpack_optional(weights, has_weights), unpack_optional(relation, has_relation), mask);
+    const at::TensorOptions options = g_total.defined() ? g_total.options() : g_per_task.options();
+    std::vector<at::Tensor> saved;
+    saved.reserve(t);
+    // When the graph is freed after this call, nothing else can read the forward's gradients:
+    // they are scaled in place and become the logits' gradients (no new allocation, one pass
+    // over warm memory). Tracers (torch.compile's fake and functional tensors) get the
+    // functional op.
+    bool in_place = mask[0] && !torch::autograd::get_current_graph_task_keep_graph();
+    for (auto& g : grads) {
+      saved.push_back(mask[0] ? g.unpack() : at::empty({0}, options));
+      in_place = in_place && !saved.back().key_set().has_any(kTracerKeys);
+    }
+    std::vector<at::Tensor> grad_logits;
+    at::Tensor grad_weights, grad_relation;
+    if (in_place) {
+      for (auto& g : grads) g.reset_data();
+      static const auto scale_op = find_op<BackwardInPlaceSig>("mtlcore::multitask_loss_backward_");
+      scale_op.call(opt(g_total), opt(g_per_task), per_task.unpack(), grad_scale.unpack(), saved,
+                    unpack_optional(weights, has_weights), unpack_optional(relation, has_relation));
+      grad_logits = std::move(saved);
+      if (mask[1] || mask[2]) {
+        std::vector<at::Tensor> none(t, at::empty({0}, options));
+        std::tie(std::ignore, grad_weights, grad_relation) =
+            op.call(opt(g_total), opt(g_per_task), per_task.unpack(), grad_scale.unpack(), none,
+                    unpack_optional(weights, has_weights), unpack_optional(relation, has_relation),
+                    {false, mask[1], mask[2]});
+      }
+    } else {
+      std::tie(grad_logits, grad_weights, grad_relation) = op.call(
+          opt(g_total), opt(g_per_task), per_task.unpack(), grad_scale.unpack(), saved,
+          unpack_optional(weights, has_weights), unpack_optional(relation, has_relation), mask);
+    }
     if (mask[0]) {
       for (size_t i = 0; i < t; ++i) {
         if (should_compute_output(i)) out[i] = std::move(grad_logits[i]);

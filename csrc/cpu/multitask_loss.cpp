@@ -202,65 +202,81 @@ multitask_loss_with_grad_cpu(at::TensorList logits, at::TensorList targets,
   return {r.total, r.per_task, r.grad_scale, r.grads};
 }
 
+// out[i] = coef_i * grads[i] (out[i] may be grads[i]: the scaling is element-wise), in chunks
+// of kItemElements over all tasks, one parallel region.
+void scale_grads(at::TensorList grads, const std::vector<at::Tensor>& out,
+                 const std::vector<double>& coef) {
+  std::vector<std::array<int64_t, 3>> chunks;  // task, begin, end
+  int64_t elements = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const int64_t n = grads[i].numel();
+    for (int64_t b = 0; b < n; b += kItemElements) {
+      chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kItemElements)});
+    }
+    elements += n;
+  }
+  const MultitaskLossLoops& table = loops();
+  const auto run = [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const auto [i, b, e] = chunks[static_cast<size_t>(k)];
+      const at::Tensor& g = grads[static_cast<size_t>(i)];
+      const int64_t bytes = g.element_size() * b;
+      table.scale[dtype_index(g.scalar_type())](
+          static_cast<const char*>(g.const_data_ptr()) + bytes,
+          static_cast<char*>(out[static_cast<size_t>(i)].data_ptr()) + bytes, e - b,
+          coef[static_cast<size_t>(i)]);
+    }
+  };
+  const auto n = static_cast<int64_t>(chunks.size());
+  if (elements < kSerialElements) {
+    run(0, n);
+  } else {
+    at::parallel_for(0, n, 1, run);
+  }
+}
+
+// coef_i of every task (see coupled_coefficients).
+std::vector<double> coefficients(const std::optional<at::Tensor>& grad_total,
+                                 const std::optional<at::Tensor>& grad_per_task,
+                                 const std::vector<double>& loss, const at::Tensor& grad_scale,
+                                 const std::optional<at::Tensor>& weights,
+                                 const std::optional<at::Tensor>& relation) {
+  const std::vector<double> g_total = to_doubles(grad_total);
+  const std::vector<double> scale = to_doubles(grad_scale);
+  const std::vector<double> g_pt = to_doubles(grad_per_task);
+  const std::vector<double> w = to_doubles(weights);
+  const std::vector<double> rel = to_doubles(relation);
+  std::vector<double> coef(loss.size());
+  coupled_coefficients(static_cast<int64_t>(loss.size()), loss.data(), or_null(w), or_null(rel),
+                       g_total.empty() ? 0.0 : g_total[0], or_null(g_pt), scale.data(),
+                       coef.data());
+  return coef;
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multitask_loss_backward_cpu(
     const std::optional<at::Tensor>& grad_total, const std::optional<at::Tensor>& grad_per_task,
     const at::Tensor& per_task, const at::Tensor& grad_scale, at::TensorList grads,
     const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& relation,
     std::array<bool, 3> output_mask) {
-  constexpr const char* op = "mtlcore.multitask_loss_backward";
-  check_multitask_loss_backward_args(op, grad_total, grad_per_task, per_task, grad_scale, grads,
-                                     weights, relation);
+  check_multitask_loss_backward_args("mtlcore.multitask_loss_backward", grad_total, grad_per_task,
+                                     per_task, grad_scale, grads, weights, relation);
   const int64_t t = per_task.size(0);
   const std::vector<double> loss = to_doubles(per_task);
   const std::vector<double> g_total_v = to_doubles(grad_total);
   const double g_total = g_total_v.empty() ? 0.0 : g_total_v[0];
   const auto options = per_task.options();
-  const auto empty = [&](const at::TensorOptions& o) { return at::empty({0}, o); };
 
   std::vector<at::Tensor> grad_logits;
-  if (output_mask[0]) {
-    const std::vector<double> scale = to_doubles(grad_scale);
-    const std::vector<double> g_pt = to_doubles(grad_per_task);
-    const std::vector<double> w = to_doubles(weights);
-    const std::vector<double> rel = to_doubles(relation);
-    std::vector<double> coef(static_cast<size_t>(t));
-    coupled_coefficients(t, loss.data(), or_null(w), or_null(rel), g_total, or_null(g_pt),
-                         scale.data(), coef.data());
-    // Chunks of kItemElements over all tasks, one parallel region.
-    std::vector<std::array<int64_t, 3>> chunks;  // task, begin, end
-    int64_t elements = 0;
-    for (int64_t i = 0; i < t; ++i) {
-      const at::Tensor& g = grads[static_cast<size_t>(i)];
-      grad_logits.push_back(at::empty(g.sizes(), g.options()));
-      for (int64_t b = 0; b < g.numel(); b += kItemElements) {
-        chunks.push_back({i, b, std::min(g.numel(), b + kItemElements)});
-      }
-      elements += g.numel();
-    }
-    const MultitaskLossLoops& table = loops();
-    const auto run = [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k) {
-        const auto [i, b, e] = chunks[static_cast<size_t>(k)];
-        const at::Tensor& g = grads[static_cast<size_t>(i)];
-        const at::Tensor& out = grad_logits[static_cast<size_t>(i)];
-        const int64_t bytes = g.element_size() * b;
-        table.scale[dtype_index(g.scalar_type())](
-            static_cast<const char*>(g.const_data_ptr()) + bytes,
-            static_cast<char*>(out.data_ptr()) + bytes, e - b, coef[static_cast<size_t>(i)]);
-      }
-    };
-    const auto n = static_cast<int64_t>(chunks.size());
-    if (elements < kSerialElements) {
-      run(0, n);
-    } else {
-      at::parallel_for(0, n, 1, run);
-    }
-  } else {
-    for (const auto& g : grads) grad_logits.push_back(empty(g.options()));
+  for (const auto& g : grads) {
+    grad_logits.push_back(output_mask[0] ? at::empty(g.sizes(), g.options())
+                                         : at::empty({0}, g.options()));
   }
-
-  at::Tensor grad_weights = empty(options);
-  at::Tensor grad_relation = empty(options);
+  if (output_mask[0]) {
+    scale_grads(grads, grad_logits,
+                coefficients(grad_total, grad_per_task, loss, grad_scale, weights, relation));
+  }
+  at::Tensor grad_weights = at::empty({0}, options);
+  at::Tensor grad_relation = at::empty({0}, options);
   if (output_mask[1]) {
     std::vector<double> gw(loss.size());
     for (size_t i = 0; i < loss.size(); ++i) gw[i] = g_total * loss[i];
@@ -279,12 +295,26 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multitask_loss_backw
   return {grad_logits, grad_weights, grad_relation};
 }
 
+void multitask_loss_backward_inplace_cpu(const std::optional<at::Tensor>& grad_total,
+                                         const std::optional<at::Tensor>& grad_per_task,
+                                         const at::Tensor& per_task, const at::Tensor& grad_scale,
+                                         at::TensorList grads,
+                                         const std::optional<at::Tensor>& weights,
+                                         const std::optional<at::Tensor>& relation) {
+  check_multitask_loss_backward_args("mtlcore.multitask_loss_backward_", grad_total, grad_per_task,
+                                     per_task, grad_scale, grads, weights, relation);
+  scale_grads(
+      grads, std::vector<at::Tensor>(grads.begin(), grads.end()),
+      coefficients(grad_total, grad_per_task, to_doubles(per_task), grad_scale, weights, relation));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtlcore, CPU, m) {
   m.impl("multitask_loss", &multitask_loss_cpu);
   m.impl("multitask_loss_with_grad", &multitask_loss_with_grad_cpu);
   m.impl("multitask_loss_backward", &multitask_loss_backward_cpu);
+  m.impl("multitask_loss_backward_", &multitask_loss_backward_inplace_cpu);
 }
 
 }  // namespace mtlcore::cpu

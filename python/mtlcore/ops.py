@@ -485,3 +485,10 @@ def _multitask_loss_backward_fake(
     grad_weights = per_task.new_empty([t] if mask[1] else [0])
     grad_relation = per_task.new_empty([t, t] if mask[2] else [0])
     return grad_logits, grad_weights, grad_relation
+
+
+@torch.library.register_fake("mtlcore::multitask_loss_backward_")
+def _multitask_loss_backward_inplace_fake(
+    grad_total, grad_per_task, per_task, grad_scale, grads, weights, relation
+) -> None:
+    return None
