@@ -4,7 +4,8 @@
 //   new contiguous tensors in the logits' dtype.
 // Parallel split: each task is cut into work items of about kItemElements logits (ce rows
 //   whole, dense ce by pixel ranges, bce/mse/l1 by rows or by element ranges of long rows);
-//   the items of all tasks form one list that one at::parallel_for spreads over the threads.
+//   the items of all tasks form one list that the threads of one parallel region take from a
+//   shared counter.
 //   Items depend only on the shapes, so per-item sums added in list order give results that do
 //   not depend on the thread count. Calls with few elements run on the calling thread.
 // Numerics: per-element math in float (double for double logits), loss sums in double; the
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -146,7 +148,13 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
   if (elements < kSerialElements) {
     run(0, n);
   } else {
-    at::parallel_for(0, n, 1, run);
+    // Items differ in cost (bce's exp and log, ce's classes), so the threads take them one at a
+    // time from a shared counter rather than in fixed halves. Each item writes its own partial:
+    // the results do not depend on which thread ran it.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) run(k, k + 1);
+    });
   }
 
   const size_t t = p.num_tasks();

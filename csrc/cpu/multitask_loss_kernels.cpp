@@ -110,13 +110,28 @@ MTLCORE_INLINE float log_math(float x) {
 MTLCORE_INLINE double exp_math(double x) { return std::exp(x); }
 MTLCORE_INLINE double log_math(double x) { return std::log(x); }
 
-// log(1 + e) for e in [0, 1], accurate for tiny e (u - 1 is exact).
-template <typename A>
-MTLCORE_INLINE A log1p_math(A e) {
-  const A u = A(1) + e;
-  const A d = u - A(1);
-  return d == A(0) ? e : log_math(u) * (e / d);
+// log(1 + e) for e in [0, 1] (bce's log(1 + exp(-|x|))), accurate for tiny e: for
+// e <= sqrt(2) - 1 the Cephes polynomial of log(1 + m) runs on m = e itself (no rounding of
+// 1 + e); above, log(1 + e) = log((1 + e) / 2) + log(2) with m = (e - 1) / 2. No division.
+MTLCORE_INLINE float log1p_math(float e) {
+  const bool low = e <= 0.41421356237309505f;
+  const float m = low ? e : (e - 1.0f) * 0.5f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = madd(y, m, -1.1514610310e-1f);
+  y = madd(y, m, 1.1676998740e-1f);
+  y = madd(y, m, -1.2420140846e-1f);
+  y = madd(y, m, 1.4249322787e-1f);
+  y = madd(y, m, -1.6668057665e-1f);
+  y = madd(y, m, 2.0000714765e-1f);
+  y = madd(y, m, -2.4999993993e-1f);
+  y = madd(y, m, 3.3333331174e-1f);
+  y = y * m * z - 0.5f * z;
+  const float r = m + y;
+  return low ? r : r + 0.693147180559945309f;
 }
+
+MTLCORE_INLINE double log1p_math(double e) { return std::log1p(e); }
 
 template <typename A, typename T>
 MTLCORE_INLINE A load(const T* p, int64_t i) {
