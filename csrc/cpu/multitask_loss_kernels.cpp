@@ -138,7 +138,7 @@ MTLCORE_INLINE A load(const T* p, int64_t i) {
   return static_cast<A>(p[i]);
 }
 
-constexpr int64_t kPixels = 64;            // positions per block of the class-major ce loops
+constexpr int64_t kPixels = 256;           // positions per block of the class-major ce loops
 constexpr int64_t kTransposeClasses = 32;  // [B, C] rows with at most this many classes are
                                            // transposed into class-major blocks
 
