@@ -10,9 +10,20 @@ from __future__ import annotations
 
 import torch  # loads libtorch before the extension that links against it
 
-from mtlcore import _C, nn, ops, optim, reference
+from mtlcore import _C, data, models, nn, ops, optim, reference
+from mtlcore.tasks import Task
 
-__all__ = ["__version__", "build_info", "nn", "ops", "optim", "reference"]
+__all__ = [
+    "Task",
+    "__version__",
+    "build_info",
+    "data",
+    "models",
+    "nn",
+    "ops",
+    "optim",
+    "reference",
+]
 
 
 def build_info() -> dict[str, object]:

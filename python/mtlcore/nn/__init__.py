@@ -1,8 +1,18 @@
-"""Modules on mtlcore's fused ops: :class:`Conv2dAct`, :func:`fuse` and :class:`MultiTaskLoss`."""
+"""Modules on mtlcore's fused ops: :class:`Conv2dAct`, :func:`fuse`, :class:`MultiTaskLoss`,
+the heads and :class:`MultiTaskModel`."""
 
 from __future__ import annotations
 
 from mtlcore.nn.conv import Conv2dAct, fuse
 from mtlcore.nn.loss import MultiTaskLoss
+from mtlcore.nn.model import DenseHead, LinearHead, MLPHead, MultiTaskModel
 
-__all__ = ["Conv2dAct", "MultiTaskLoss", "fuse"]
+__all__ = [
+    "Conv2dAct",
+    "DenseHead",
+    "LinearHead",
+    "MLPHead",
+    "MultiTaskLoss",
+    "MultiTaskModel",
+    "fuse",
+]
