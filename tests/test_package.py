@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import mtlcore
@@ -63,3 +64,42 @@ def test_demo_trains_with_each_optimizer():
     for name in ("sgd", "adam", "adamw"):
         losses = train_demo(steps=60, optimizer=name, device=torch.device("cpu"))
         assert losses[-1] < 0.5 * losses[0], name
+
+
+def test_cli_train_on_shapes(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtlcore",
+            "train",
+            "--data",
+            "shapes",
+            "--epochs",
+            "1",
+            "--samples",
+            "64",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for task in ("shape", "colour", "size", "position", "outline", "mask"):
+        assert task in proc.stdout
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "history.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "args", [["--epochs", "0"], ["--data", "imagenet"], ["--optimizer", "lbfgs"]]
+)
+def test_cli_train_bad_arguments_exit_2_without_traceback(args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtlcore", "train", *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip()

@@ -3,6 +3,7 @@
 Commands:
   info   how this copy was built and which kernels it runs (build_info)
   demo   trains a small model with mtlcore.optim and prints its loss falling
+  train  trains SmallCNN with one head per task on a multi-task set, then evaluates it
 """
 
 from __future__ import annotations
@@ -32,6 +33,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if losses[-1] < losses[0] else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mtlcore.train.shapes_job import train_shapes
+
+    if args.epochs < 1 or args.batch_size < 1 or args.samples < 4 or args.lr <= 0:
+        print(
+            "mtlcore train: --epochs, --batch-size must be >= 1, --samples >= 4, --lr > 0",
+            file=sys.stderr,
+        )
+        return 2
+    train_shapes(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        samples=args.samples,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        out_dir=args.out,
+        progress=False if args.no_progress else None,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mtlcore",
@@ -46,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train and evaluate a multi-task model")
+    train.add_argument("--data", choices=["shapes"], default="shapes")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--samples", type=int, default=4000, help="training images (Shapes)")
+    train.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default=None, help="folder for history and checkpoints")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_train)
     return parser
 
 

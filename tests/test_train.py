@@ -1,0 +1,90 @@
+"""Trainer: learning on Shapes, evaluation, history files, atomic checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtlcore import Task
+from mtlcore.data import Shapes
+from mtlcore.models import SmallCNN
+from mtlcore.nn import LinearHead, MultiTaskModel
+from mtlcore.train import Trainer, load_checkpoint, save_checkpoint
+
+TASKS = [Task("shape", "ce", 3), Task("colour", "ce", 4), Task("size", "mse", 1)]
+
+
+def make_trainer(device="cpu", seed=0, **kwargs) -> Trainer:
+    torch.manual_seed(seed)
+    model = MultiTaskModel(SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in TASKS})
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    return Trainer(model, TASKS, opt, device=device, batch_size=32, seed=seed, **kwargs)
+
+
+def test_fit_learns_and_evaluates(device, tmp_path):
+    train, test = Shapes(384, image_size=16, seed=0), Shapes(128, "test", image_size=16)
+    trainer = make_trainer(device, out_dir=tmp_path)
+    before = trainer.evaluate(test)
+    history = trainer.fit(train, epochs=3, val=test)
+    after = trainer.evaluate(test)
+    assert len(history) == 3 and history[-1]["epoch"] == 3
+    assert history[-1]["train_loss/total"] < history[0]["train_loss/total"]
+    assert after["colour"]["accuracy"] > max(
+        0.4, before["colour"]["accuracy"] + 0.15
+    )  # chance: 0.25
+    assert after["size"]["rmse"] < before["size"]["rmse"]
+    rows = json.loads((tmp_path / "history.json").read_text())
+    assert rows == history and (tmp_path / "history.csv").read_text().startswith("epoch,")
+    preds = trainer.predict(test)
+    assert preds["shape"].shape == (128, 3) and preds["size"].shape == (128, 1)
+    gain = trainer.evaluate(test, baselines=after)["multitask_gain"]["delta_m"]
+    assert gain == pytest.approx(0.0, abs=1e-9)
+
+
+def test_missing_labels_train(device):
+    train = Shapes(128, image_size=16, seed=2, missing=0.5)
+    trainer = make_trainer(device)
+    history = trainer.fit(train, epochs=1)
+    assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
+
+
+def test_resume_reaches_the_same_parameters(tmp_path):
+    train = Shapes(96, image_size=16, seed=1)
+    straight = make_trainer(seed=3)
+    straight.fit(train, epochs=2)
+
+    first = make_trainer(seed=3, out_dir=tmp_path)
+    first.fit(train, epochs=1)
+    resumed = make_trainer(seed=99)  # other initial weights: all must come from the checkpoint
+    resumed.resume(tmp_path / "checkpoint.pt")
+    assert resumed.epoch == 1
+    resumed.fit(train, epochs=2)
+    for a, b in zip(
+        straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert resumed.history == straight.history
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_autocast_bf16_on_cpu():
+    trainer = make_trainer(autocast_dtype=torch.bfloat16)
+    history = trainer.fit(Shapes(64, image_size=16), epochs=1)
+    assert torch.isfinite(torch.tensor(history[0]["train_loss/total"]))
