@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mtlcore.data import Shapes
+from mtlcore.data import MultiFashion, Shapes, find_fashion_mnist, read_idx
 
 
 def test_shapes_is_deterministic_and_splits_differ():
@@ -60,3 +62,93 @@ def test_shapes_missing_labels_and_tasks():
     assert image.shape == (8, 3, 32, 32) and target["mask"].shape == (8, 32, 32)
     with pytest.raises(ValueError, match="split"):
         Shapes(4, split="val")
+
+
+# ------------------------------------------------------------------------------------------
+# IDX files and MultiFashion (small files written here in the real formats)
+# ------------------------------------------------------------------------------------------
+
+
+def write_idx(path, data: torch.Tensor, magic_ndim=None, truncate=0):
+    header = struct.pack(">HBB", 0, 8, data.dim() if magic_ndim is None else magic_ndim)
+    header += struct.pack(f">{data.dim()}I", *data.shape)
+    raw = header + data.to(torch.uint8).numpy().tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(raw[: len(raw) - truncate])
+
+
+def fake_fashion_mnist(folder, n_train=30, n_test=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(
+            folder / f"{prefix}-images-idx3-ubyte.gz", torch.randint(256, (n, 28, 28), generator=g)
+        )
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(10, (n,), generator=g))
+    return folder
+
+
+def test_multifashion_composes_two_items(tmp_path):
+    folder = fake_fashion_mnist(tmp_path)
+    images = read_idx(folder / "train-images-idx3-ubyte.gz")
+    labels = read_idx(folder / "train-labels-idx1-ubyte.gz")
+    data = MultiFashion("train", folder, seed=5)
+    again = MultiFashion("train", folder, seed=5)
+    assert len(data) == 30 and data.images.shape == (30, 1, 36, 36)
+    assert torch.equal(data.images, again.images)
+    assert not torch.equal(data.images, MultiFashion("train", folder, seed=6).images)
+    raw = data.images[:, 0] * 0.3530 + 0.2860  # undo the normalisation
+    for i in range(len(data)):
+        # Rows 0-7 hold only the left item; the right item's last rows only the right one.
+        left = (raw[i, :8, :28] * 255).round().to(torch.uint8)
+        match = (images[:, :8, :] == left).flatten(1).all(1).nonzero().flatten().tolist()
+        assert int(data.targets["left"][i]) in [int(labels[j]) for j in match]
+        right = (raw[i, 28:, 8:] * 255).round().to(torch.uint8)
+        match = (images[:, 20:, :] == right).flatten(1).all(1).nonzero().flatten().tolist()
+        assert int(data.targets["right"][i]) in [int(labels[j]) for j in match]
+    assert len(MultiFashion("test", folder)) == 12
+    assert [t.name for t in MultiFashion.tasks()] == ["left", "right"]
+
+
+def test_fashion_mnist_folder_resolution(tmp_path, monkeypatch):
+    (tmp_path / "fm").mkdir()
+    folder = fake_fashion_mnist(tmp_path / "fm")
+    monkeypatch.setenv("MTLCORE_DATA", str(folder))
+    assert find_fashion_mnist(None) == folder
+    assert len(MultiFashion("test", num_samples=5)) == 5
+    monkeypatch.setenv("MTLCORE_DATA", str(tmp_path / "empty"))
+    if find_fashion_mnist(None) is None:
+        with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found"):
+            MultiFashion("train")
+
+
+@pytest.mark.parametrize(
+    ("problem", "match"),
+    [
+        ("truncated", "header announces"),
+        ("magic", "expected 3 dimensions"),
+        ("count", "holds 30 images but"),
+        ("gzip", "cannot read"),
+    ],
+)
+def test_bad_idx_files_name_the_file(tmp_path, problem, match):
+    folder = fake_fashion_mnist(tmp_path)
+    images = folder / "train-images-idx3-ubyte.gz"
+    if problem == "truncated":
+        write_idx(images, torch.zeros(30, 28, 28), truncate=100)
+    elif problem == "magic":
+        write_idx(images, torch.zeros(30, 28, 28), magic_ndim=2)
+    elif problem == "count":
+        write_idx(folder / "train-labels-idx1-ubyte.gz", torch.zeros(29))
+    else:
+        images.write_bytes(images.read_bytes()[:50])
+    with pytest.raises(ValueError, match=match) as info:
+        MultiFashion("train", folder)
+    assert "idx" in str(info.value)
+
+
+@pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST files not installed")
+def test_real_multifashion():
+    data = MultiFashion("test", num_samples=500)
+    assert data.images.shape == (500, 1, 36, 36)
+    for t in data.targets.values():
+        assert 0 <= int(t.min()) and int(t.max()) <= 9 and len(t.unique()) == 10

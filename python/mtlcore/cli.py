@@ -34,25 +34,33 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mtlcore.train.shapes_job import train_shapes
+    from mtlcore.train.job import train_job
 
-    if args.epochs < 1 or args.batch_size < 1 or args.samples < 4 or args.lr <= 0:
+    samples_ok = args.samples is None or args.samples >= 4
+    if args.epochs < 1 or args.batch_size < 1 or not samples_ok or args.lr <= 0:
         print(
-            "mtlcore train: --epochs, --batch-size must be >= 1, --samples >= 4, --lr > 0",
+            "mtlcore train: --epochs and --batch-size must be >= 1, --samples >= 4, --lr > 0",
             file=sys.stderr,
         )
         return 2
-    train_shapes(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        samples=args.samples,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        device=args.device,
-        seed=args.seed,
-        out_dir=args.out,
-        progress=False if args.no_progress else None,
-    )
+    try:
+        train_job(
+            data=args.data,
+            data_dir=args.data_dir,
+            baselines=args.baselines,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            samples=args.samples,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            device=args.device,
+            seed=args.seed,
+            out_dir=args.out,
+            progress=False if args.no_progress else None,
+        )
+    except (FileNotFoundError, ValueError) as e:  # missing or corrupt data files
+        print(f"mtlcore train: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -71,10 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train and evaluate a multi-task model")
-    train.add_argument("--data", choices=["shapes"], default="shapes")
+    train.add_argument("--data", choices=["auto", "multifashion", "shapes"], default="auto")
+    train.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST files")
+    train.add_argument(
+        "--baselines", action="store_true", help="also train one single-task model per task"
+    )
     train.add_argument("--epochs", type=int, default=3)
     train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--samples", type=int, default=4000, help="training images (Shapes)")
+    train.add_argument("--samples", type=int, default=None, help="training images (a subset)")
     train.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--device", default="cpu")

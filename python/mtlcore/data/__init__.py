@@ -3,6 +3,8 @@ from local files."""
 
 from __future__ import annotations
 
+from mtlcore.data.idx import read_idx
+from mtlcore.data.multifashion import MultiFashion, find_fashion_mnist
 from mtlcore.data.shapes import Shapes
 
-__all__ = ["Shapes"]
+__all__ = ["MultiFashion", "Shapes", "find_fashion_mnist", "read_idx"]
