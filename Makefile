@@ -51,6 +51,7 @@ bench: $(INSTALL_STAMP)
 	$(PY) bench/bench_optim.py
 	$(PY) bench/bench_conv.py
 	$(PY) bench/bench_loss.py
+	$(PY) bench/bench_train.py
 
 CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
