@@ -35,6 +35,8 @@ def test_fit_learns_and_evaluates(device, tmp_path):
         0.4, before["colour"]["accuracy"] + 0.15
     )  # chance: 0.25
     assert after["size"]["rmse"] < before["size"]["rmse"]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
     rows = json.loads((tmp_path / "history.json").read_text())
     assert rows == history and (tmp_path / "history.csv").read_text().startswith("epoch,")
     preds = trainer.predict(test)

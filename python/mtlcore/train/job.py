@@ -4,10 +4,12 @@ single-task baselines trained with the same budget (and the multi-task gain Δm%
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import distributed as dist
 from torch.utils.data import Dataset
 
 from mtlcore import optim
@@ -88,6 +90,22 @@ def _fit(
     return trainer.evaluate(test), images_per_s
 
 
+def _setup_distributed(
+    device: str, log: Callable[[str], None]
+) -> tuple[str, Callable[[str], None]]:
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL for CUDA, gloo on the
+    CPU), gives each rank its GPU, and lets only rank 0 print."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, log
+    cuda = torch.device(device).type == "cuda"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return device, (log if dist.get_rank() == 0 else (lambda _msg: None))
+
+
 def train_job(
     *,
     data: str = "auto",
@@ -108,6 +126,7 @@ def train_job(
     ``multitask_gain`` with ``baselines``)."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    device, log = _setup_distributed(device, log)
     train, test, tasks, channels, size = load_data(data, samples, seed, data_dir, log)
     args = {
         "epochs": epochs,

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtlcore.nn.loss import MultiTaskLoss
 from mtlcore.tasks import Task, multitask_gain
 from mtlcore.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from mtlcore.train.plots import have_matplotlib, save_plots
 
 __all__ = ["Trainer"]
 
@@ -37,9 +39,15 @@ class Trainer:
             ``seed`` and ``e`` alone, so a resumed run sees the same batches.
         autocast_dtype: run forward and loss under ``torch.autocast`` in this dtype (bf16 on
             CPU; fp16/bf16 on CUDA). grad_scaler: a ``torch.amp.GradScaler`` for fp16.
-        out_dir: where ``history.csv``, ``history.json`` and ``checkpoint.pt`` (after every
-            epoch, written atomically) go; None: nothing is written.
+        out_dir: where ``history.csv``, ``history.json``, ``checkpoint.pt`` (written
+            atomically) and, with matplotlib installed, ``loss.png`` and ``metrics.png`` go
+            after every epoch; None: nothing is written.
         progress: tqdm bars (default: when stderr is a terminal and tqdm is installed).
+
+    Distributed data parallel: when ``torch.distributed`` is initialised (e.g. under
+    ``torchrun``; gloo on CPU, NCCL on GPU), each rank trains on its share of every batch
+    (``batch_size`` per rank) through ``DistributedDataParallel``; only rank 0 writes files
+    and shows progress.
     """
 
     def __init__(
@@ -72,7 +80,19 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.grad_scaler = grad_scaler
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = sys.stderr.isatty() if progress is None else bool(progress)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+        self.progress = self.is_main and (
+            sys.stderr.isatty() if progress is None else bool(progress)
+        )
+        # Under torch.distributed the model trains wrapped in DistributedDataParallel (gradients
+        # averaged over the ranks); checkpoints hold the unwrapped model.
+        self._train_model: nn.Module = self.model
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.num_workers = int(num_workers)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -82,15 +102,18 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
 
     def _loader(self, data: Dataset, shuffle: bool, epoch: int = 0) -> DataLoader:
-        generator = None
-        if shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        """Training order: one permutation per epoch drawn from (seed, epoch) alone, split
+        over the ranks (rank r takes every world_size-th index), so a run on R ranks with
+        batch B sees, step by step, the samples a 1-process run with batch R * B sees.
+        Evaluation: every rank reads everything, in order."""
+        if not shuffle:
+            return DataLoader(data, batch_size=self.batch_size, num_workers=self.num_workers)
+        sampler = DistributedSampler(
+            data, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.seed
+        )
+        sampler.set_epoch(epoch)
         return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
+            data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers
         )
 
     def _batches(self, loader: DataLoader, desc: str) -> Iterator[Batch]:
@@ -124,19 +147,37 @@ class Trainer:
         loader = self._loader(data, shuffle=True, epoch=self.epoch)
         for x, y in self._batches(loader, f"epoch {self.epoch + 1}"):
             with self._autocast():
-                total, parts = self.loss(self.model(x), y)
+                total, parts = self.loss(self._train_model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             if self.grad_scaler is not None:
                 self.grad_scaler.scale(total).backward()
+                self._average_loss_gradients()
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
             else:
                 total.backward()
+                self._average_loss_gradients()
                 self.optimizer.step()
             batches += 1
             for k, v in {"total": total, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-        return {k: v / max(batches, 1) for k, v in sums.items()}
+        means = {k: v / max(batches, 1) for k, v in sums.items()}
+        if self.distributed:  # the history holds the mean over the ranks
+            keys = sorted(means)
+            t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            means = dict(zip(keys, (t / self.world_size).tolist(), strict=True))
+        return means
+
+    def _average_loss_gradients(self) -> None:
+        """DDP averages the model's gradients; the loss's learnable parameters (uncertainty
+        weights, relation) are averaged here."""
+        if not self.distributed:
+            return
+        for p in self.loss.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
 
     def fit(
         self, train: Dataset, epochs: int, val: Dataset | None = None
@@ -152,8 +193,10 @@ class Trainer:
                 for task, metrics in self.evaluate(val).items():
                     row.update({f"val/{task}/{m}": v for m, v in metrics.items()})
             self.history.append(row)
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.is_main:
                 self._write_history()
+                if have_matplotlib():
+                    save_plots(self.history, self.out_dir)
                 self.save(self.out_dir / "checkpoint.pt")
         return self.history
 
@@ -220,8 +263,11 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self, path: str | Path) -> Path:
-        """An atomic checkpoint of everything a resumed run needs."""
-        return save_checkpoint(self.state_dict(), path)
+        """An atomic checkpoint of everything a resumed run needs (written by rank 0 only)."""
+        path = Path(path)
+        if self.is_main:
+            save_checkpoint(self.state_dict(), path)
+        return path
 
     def resume(self, path: str | Path) -> None:
         """Loads a checkpoint written by :meth:`save`; :meth:`fit` then continues from it."""

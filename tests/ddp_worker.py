@@ -1,0 +1,44 @@
+"""Trains the test model of test_distributed.py, under torchrun or alone; rank 0 saves the
+parameters. Usage: python ddp_worker.py OUT_FILE BATCH_PER_RANK [OUT_DIR]"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import distributed as dist
+
+from mtlcore import Task, optim
+from mtlcore.data import Shapes
+from mtlcore.models import SmallCNN
+from mtlcore.nn import LinearHead, MultiTaskModel
+from mtlcore.train import Trainer
+
+TASKS = [Task("shape", "ce", 3), Task("colour", "ce", 4), Task("size", "mse", 1)]
+
+
+def main(out: str, batch: int, out_dir: str | None) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = MultiTaskModel(SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in TASKS})
+    trainer = Trainer(
+        model,
+        TASKS,
+        optim.Adam(model.parameters(), lr=2e-3),
+        batch_size=batch,
+        seed=5,
+        out_dir=out_dir,
+        progress=False,
+    )
+    trainer.fit(Shapes(96, image_size=16, seed=1), epochs=2)
+    if trainer.is_main:
+        torch.save({"params": model.state_dict(), "history": trainer.history}, out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

@@ -1,0 +1,55 @@
+"""Distributed data parallel on the CPU: 2 processes with gloo (launched by torchrun) end with
+the parameters of a 1-process run on the full batch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two.pt", tmp_path / "one.pt"
+    out_dir = tmp_path / "run"
+    launch = [*torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    proc = subprocess.run(
+        [*launch, str(two), "16", str(out_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(one), "32"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(two), torch.load(one)
+    for name, p in b["params"].items():
+        torch.testing.assert_close(a["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+    for row_a, row_b in zip(a["history"], b["history"], strict=True):
+        for k in row_b:
+            assert row_a[k] == pytest.approx(row_b[k], rel=1e-5)
+    # Only rank 0 wrote files, and a single checkpoint.
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        ["checkpoint.pt", "history.csv", "history.json", "loss.png"]
+    )
+    shutil.rmtree(out_dir)
