@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import math
+import pickle
 import struct
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mtlcore.data import MultiFashion, Shapes, find_fashion_mnist, read_idx
+from mtlcore.data import CIFAR10MultiTask, MultiFashion, Shapes, find_fashion_mnist, read_idx
 
 
 def test_shapes_is_deterministic_and_splits_differ():
@@ -152,3 +153,61 @@ def test_real_multifashion():
     assert data.images.shape == (500, 1, 36, 36)
     for t in data.targets.values():
         assert 0 <= int(t.min()) and int(t.max()) <= 9 and len(t.unique()) == 10
+
+
+# ------------------------------------------------------------------------------------------
+# CIFAR-10 python batches (small ones written here in the real format)
+# ------------------------------------------------------------------------------------------
+
+
+def fake_cifar(folder, per_batch=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": torch.randint(256, (per_batch, 3072), generator=g).to(torch.uint8).numpy(),
+            b"labels": torch.randint(10, (per_batch,), generator=g).tolist(),
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return folder
+
+
+def test_cifar10_multitask_reads_batches(tmp_path):
+    folder = fake_cifar(tmp_path)
+    train, test = CIFAR10MultiTask(folder), CIFAR10MultiTask(folder, "test")
+    assert len(train) == 30 and len(test) == 6
+    image, target = train[7]
+    assert image.shape == (3, 32, 32) and target["animal"].shape == (1,)
+    with open(folder / "data_batch_2", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    assert int(target["class"]) == raw[b"labels"][1]
+    assert float(target["animal"]) == float(raw[b"labels"][1] not in (0, 1, 8, 9))
+    first_pixel = (image[0, 0, 0] * 0.2470 + 0.4914) * 255
+    assert float(first_pixel) == pytest.approx(raw[b"data"][1][0], abs=1e-3)
+    assert [t.kind for t in CIFAR10MultiTask.tasks()] == ["ce", "bce"]
+
+
+@pytest.mark.parametrize(
+    ("problem", "match"),
+    [
+        ("missing", "does not exist"),
+        ("garbage", "not a CIFAR-10 python batch"),
+        ("shape", "rows of 3072"),
+        ("labels", r"labels must be in \[0, 9\]"),
+    ],
+)
+def test_cifar10_bad_batches_name_the_file(tmp_path, problem, match):
+    folder = fake_cifar(tmp_path)
+    path = folder / "data_batch_3"
+    if problem == "missing":
+        path.unlink()
+    elif problem == "garbage":
+        path.write_bytes(b"not a pickle")
+    else:
+        data = torch.zeros(4, 3072 if problem == "labels" else 100, dtype=torch.uint8).numpy()
+        labels = [0, 1, 12, 3] if problem == "labels" else [0, 1, 2, 3]
+        with open(path, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as info:
+        CIFAR10MultiTask(folder)
+    assert "data_batch_3" in str(info.value)

@@ -92,10 +92,31 @@ def test_cli_train_on_shapes(tmp_path):
     for task in ("shape", "colour", "size", "position", "outline", "mask"):
         assert task in proc.stdout
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "history.csv").is_file()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtlcore",
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "checkpoint.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mask" in proc.stdout and "mean_iou" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtlcore", "evaluate", "--checkpoint", str(tmp_path / "none.pt")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
 @pytest.mark.parametrize(
-    "args", [["--epochs", "0"], ["--data", "imagenet"], ["--optimizer", "lbfgs"]]
+    "args",
+    [["--epochs", "0"], ["--data", "imagenet"], ["--optimizer", "lbfgs"], ["--data", "cifar10"]],
 )
 def test_cli_train_bad_arguments_exit_2_without_traceback(args):
     proc = subprocess.run(

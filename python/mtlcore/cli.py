@@ -3,7 +3,8 @@
 Commands:
   info   how this copy was built and which kernels it runs (build_info)
   demo   trains a small model with mtlcore.optim and prints its loss falling
-  train  trains SmallCNN with one head per task on a multi-task set, then evaluates it
+  train     trains SmallCNN with one head per task on a multi-task set, then evaluates it
+  evaluate  evaluates a checkpoint written by train on its data's test split
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from mtlcore.train.job import evaluate_checkpoint
+
+    try:
+        evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtlcore evaluate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mtlcore",
@@ -79,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     train = sub.add_parser("train", help="train and evaluate a multi-task model")
-    train.add_argument("--data", choices=["auto", "multifashion", "shapes"], default="auto")
-    train.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST files")
+    train.add_argument(
+        "--data", choices=["auto", "multifashion", "shapes", "cifar10"], default="auto"
+    )
+    train.add_argument(
+        "--data-dir", default=None, help="folder with the Fashion-MNIST or CIFAR-10 files"
+    )
     train.add_argument(
         "--baselines", action="store_true", help="also train one single-task model per task"
     )
@@ -94,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="folder for history and checkpoints")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_train)
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint written by train")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

@@ -13,13 +13,13 @@ from torch import distributed as dist
 from torch.utils.data import Dataset
 
 from mtlcore import optim
-from mtlcore.data import MultiFashion, Shapes, find_fashion_mnist
+from mtlcore.data import CIFAR10MultiTask, MultiFashion, Shapes, find_fashion_mnist
 from mtlcore.models import SmallCNN
 from mtlcore.nn import DenseHead, LinearHead, MultiTaskModel
 from mtlcore.tasks import Task
 from mtlcore.train.trainer import Trainer
 
-__all__ = ["load_data", "train_job"]
+__all__ = ["evaluate_checkpoint", "load_data", "train_job"]
 
 
 def load_data(
@@ -38,11 +38,18 @@ def load_data(
         train = MultiFashion("train", data_dir, seed, samples)
         test = MultiFashion("test", data_dir, seed, None if samples is None else samples // 4)
         return train, test, MultiFashion.tasks(), 1, 36
+    if data == "cifar10":
+        if data_dir is None:
+            raise ValueError("--data cifar10 needs --data-dir (the cifar-10-batches-py folder)")
+        train, test = CIFAR10MultiTask(data_dir, "train"), CIFAR10MultiTask(data_dir, "test")
+        if samples is not None:
+            train = torch.utils.data.Subset(train, range(min(samples, len(train))))
+        return train, test, CIFAR10MultiTask.tasks(), 3, 32
     if data == "shapes":
         n = 4000 if samples is None else samples
         train, test = Shapes(n, "train", seed=seed), Shapes(max(n // 4, 1), "test", seed=seed)
         return train, test, train.tasks(), 3, train.image_size
-    raise ValueError(f"unknown data {data!r}; expected auto, shapes or multifashion")
+    raise ValueError(f"unknown data {data!r}; expected auto, shapes, multifashion or cifar10")
 
 
 def build_model(tasks: Sequence[Task], channels: int, image_size: int) -> MultiTaskModel:
@@ -82,6 +89,13 @@ def _fit(
         out_dir=out_dir,
         progress=args["progress"],
     )
+    # What `python -m mtlcore evaluate` needs to rebuild the model and find the data.
+    trainer.config = {
+        "data": args["data"],
+        "data_dir": args["data_dir"],
+        "samples": args["samples"],
+        "seed": args["seed"],
+    }
     start = time.perf_counter()
     for epoch in range(1, args["epochs"] + 1):
         row = trainer.fit(train, epochs=epoch)[-1]
@@ -128,7 +142,11 @@ def train_job(
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     device, log = _setup_distributed(device, log)
     train, test, tasks, channels, size = load_data(data, samples, seed, data_dir, log)
+    data = {MultiFashion: "multifashion", Shapes: "shapes"}.get(type(train), "cifar10")
     args = {
+        "data": data,
+        "data_dir": data_dir,
+        "samples": samples,
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": optimizer,
@@ -161,4 +179,34 @@ def train_job(
         gain = multitask_gain(tasks, results, single)
         results["multitask_gain"] = {"delta_m": gain}
         log(f"  multi-task gain over the single-task models: {gain:+.2f}%")
+    return results
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 256,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
+    """Rebuilds the model of a ``train`` checkpoint, evaluates it on its data's test split and
+    prints ``{task: {metric: value}}``."""
+    from mtlcore.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint, map_location=device)
+    config = state.get("config") or {}
+    if "data" not in config:
+        raise ValueError(f"{checkpoint}: not a checkpoint of `python -m mtlcore train`")
+    _, test, tasks, channels, size = load_data(
+        config["data"], config["samples"], config["seed"], data_dir or config["data_dir"], log
+    )
+    model = build_model(tasks, channels, size)
+    model.load_state_dict(state["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # unused: evaluation only
+    trainer = Trainer(model, tasks, opt, device=device, batch_size=batch_size, progress=False)
+    results = trainer.evaluate(test)
+    log(f"{checkpoint} (epoch {state['epoch']}), {type(test).__name__} test split:")
+    for task in tasks:
+        log(f"  {task.name:9s} " + ", ".join(f"{m} {v:.4f}" for m, v in results[task.name].items()))
     return results

@@ -96,6 +96,8 @@ class Trainer:
         self.num_workers = int(num_workers)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        # Anything the caller wants in checkpoints (e.g. how to rebuild the model).
+        self.config: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------
     # Data
@@ -249,6 +251,7 @@ class Trainer:
             "history": self.history,
             "rng": get_rng_state(),
             "seed": self.seed,
+            "config": self.config,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -260,6 +263,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.seed = int(state["seed"])
+        self.config = dict(state.get("config", {}))
         set_rng_state(state["rng"])
 
     def save(self, path: str | Path) -> Path:
