@@ -45,7 +45,7 @@ test: $(INSTALL_STAMP)
 
 run: $(INSTALL_STAMP)
 	$(PY) -m mtlcore info
-	$(PY) -m mtlcore train --data auto --samples 10000 --epochs 3 --baselines --no-progress
+	$(PY) -m mtlcore train --data auto --samples 10000 --epochs 3 --baselines --compare-plain --no-progress
 
 bench: $(INSTALL_STAMP)
 	$(PY) bench/bench_optim.py

@@ -84,6 +84,7 @@ def test_cli_train_on_shapes(tmp_path):
             "--out",
             str(tmp_path),
             "--no-progress",
+            "--compare-plain",
         ],
         capture_output=True,
         text=True,
@@ -91,6 +92,7 @@ def test_cli_train_on_shapes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for task in ("shape", "colour", "size", "position", "outline", "mask"):
         assert task in proc.stdout
+    assert "plain PyTorch" in proc.stdout
     assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "history.csv").is_file()
     proc = subprocess.run(
         [

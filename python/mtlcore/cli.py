@@ -49,6 +49,7 @@ def _train(args: argparse.Namespace) -> int:
             data=args.data,
             data_dir=args.data_dir,
             baselines=args.baselines,
+            compare_plain=args.compare_plain,
             epochs=args.epochs,
             batch_size=args.batch_size,
             samples=args.samples,
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default=None, help="folder for history and checkpoints")
+    train.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also time a training step against the same model in plain PyTorch",
+    )
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint written by train")

@@ -120,6 +120,34 @@ def _setup_distributed(
     return device, (log if dist.get_rank() == 0 else (lambda _msg: None))
 
 
+def _step_throughput(
+    tasks: Sequence[Task], data: Dataset, channels: int, size: int, batch: int, device: str
+) -> tuple[float, float]:
+    """Images/s of one training step, mtlcore's fused model vs its plain-PyTorch twin (same
+    weights), measured alternately in this process."""
+    import torch.utils.benchmark as tbench
+
+    from mtlcore.train.plain import fused_step, plain_step, twin_models
+
+    if any(t.dense for t in tasks):  # the twins carry vector heads only
+        tasks = [t for t in tasks if not t.dense]
+    (fused, loss, fused_opt), (plain, plain_opt) = twin_models(tasks, channels, size)
+    fused.to(device), loss.to(device), plain.to(device)
+    samples = [data[i] for i in range(min(batch, len(data)))]
+    x = torch.stack([s[0] for s in samples]).to(device)
+    y = {t.name: torch.stack([s[1][t.name] for s in samples]).to(device) for t in tasks}
+    steps = {
+        "fused": lambda: fused_step(fused, loss, fused_opt, x, y),
+        "plain": lambda: plain_step(plain, plain_opt, tasks, x, y),
+    }
+    best = {}
+    for _ in range(3):
+        for name, fn in steps.items():
+            t = tbench.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5).median
+            best[name] = min(best.get(name, t), t)
+    return x.shape[0] / best["fused"], x.shape[0] / best["plain"]
+
+
 def train_job(
     *,
     data: str = "auto",
@@ -133,6 +161,7 @@ def train_job(
     seed: int = 0,
     out_dir: str | None = None,
     baselines: bool = False,
+    compare_plain: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
@@ -173,6 +202,14 @@ def train_job(
         for m, v in results[task.name].items():
             cells.append(f"{m} {v:.4f}" + (f" | {single[task.name][m]:.4f}" if baselines else ""))
         log(f"  {task.name:9s} " + ", ".join(cells))
+    if compare_plain:
+        fused_speed, plain_speed = _step_throughput(
+            tasks, train, channels, size, batch_size, device
+        )
+        log(
+            f"training step of this model (batch {batch_size}): mtlcore {fused_speed:.0f} "
+            f"images/s, plain PyTorch {plain_speed:.0f} images/s ({fused_speed / plain_speed:.2f}x)"
+        )
     if baselines:
         from mtlcore.tasks import multitask_gain
 
