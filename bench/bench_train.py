@@ -2,8 +2,10 @@
 3x32x32): mtlcore's fused modules + fused loss + fused optimizer vs the same model in plain
 PyTorch eager (nn.Conv2d + relu, F.cross_entropy, torch.optim.Adam(fused=True)), both from the
 same initial weights; images/s in the same run, and the two losses step by step over 20 steps.
+Then both twins train for a fixed budget on MultiFashion (Shapes when Fashion-MNIST is absent)
+with the same batches, and their test accuracies are reported side by side.
 
-    python bench/bench_train.py [--device cuda] [--quick]
+    python bench/bench_train.py [--device cuda] [--quick] [--budget-epochs 1]
 
 Results: bench/results/train_<device>.json (or under $OUT).
 """
@@ -20,11 +22,53 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import compare, machine, write_results
 
 import mtlcore
-from mtlcore.data import Shapes
+from mtlcore.data import MultiFashion, Shapes, find_fashion_mnist
 from mtlcore.train.plain import fused_step, plain_step, twin_models
 
 BATCH = 64
 STEPS = 20
+
+
+def accuracy_after_budget(args, device) -> dict[str, float]:
+    """Both twins trained on the same batches for the same budget; test accuracy per task."""
+    if find_fashion_mnist() is not None:
+        train = MultiFashion("train", num_samples=args.budget_samples)
+        test = MultiFashion("test", num_samples=5000)
+        tasks, channels, size = MultiFashion.tasks(), 1, 36
+    else:
+        train, test = Shapes(args.budget_samples, seed=0), Shapes(2000, "test", seed=0)
+        tasks = [t for t in train.tasks() if t.name in ("shape", "colour")]
+        channels, size = 3, 32
+    (fused, loss, fused_opt), (plain, plain_opt) = twin_models(tasks, channels, size)
+    fused.to(device), loss.to(device), plain.to(device)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(args.budget_epochs):
+        order = torch.randperm(len(train), generator=g)
+        for i in range(0, len(train) - BATCH + 1, BATCH):
+            idx = order[i : i + BATCH]
+            x = train.images[idx].to(device)
+            y = {t.name: train.targets[t.name][idx].to(device) for t in tasks}
+            fused_step(fused, loss, fused_opt, x, y)
+            plain_step(plain, plain_opt, tasks, x, y)
+    out = {}
+    with torch.no_grad():
+        for name, model in (("fused", fused), ("plain", plain)):
+            model.eval()
+            preds = {t.name: [] for t in tasks}
+            for i in range(0, len(test), 500):
+                o = model(test.images[i : i + 500].to(device))
+                for t in tasks:
+                    preds[t.name].append(o[t.name].argmax(1).cpu())
+            for t in tasks:
+                acc = (torch.cat(preds[t.name]) == test.targets[t.name]).float().mean().item()
+                out[f"{name}_{t.name}_accuracy"] = acc
+    print(f"after {args.budget_epochs} epoch(s) of {len(train)} {type(train).__name__} images:")
+    for t in tasks:
+        print(
+            f"  {t.name}: test accuracy fused {out[f'fused_{t.name}_accuracy']:.4f}, "
+            f"plain {out[f'plain_{t.name}_accuracy']:.4f}"
+        )
+    return out
 
 
 def main() -> None:
@@ -32,6 +76,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--budget-epochs", type=int, default=1)
+    ap.add_argument("--budget-samples", type=int, default=20000)
     args = ap.parse_args()
     device = torch.device(args.device)
     data = Shapes(BATCH * STEPS, seed=0)
@@ -72,6 +118,7 @@ def main() -> None:
         f"fused {row['fused_images_per_s']:.0f} images/s, plain {row['plain_images_per_s']:.0f} "
         f"images/s: {row['speedup']:.2f}x"
     )
+    row.update(accuracy_after_budget(args, device))
     path = write_results(
         f"train_{device.type}",
         {
