@@ -121,8 +121,39 @@ def test_cli_train_on_shapes(tmp_path):
     [["--epochs", "0"], ["--data", "imagenet"], ["--optimizer", "lbfgs"], ["--data", "cifar10"]],
 )
 def test_cli_train_bad_arguments_exit_2_without_traceback(args):
+    """Argument errors: a one-line message, exit code 2."""
     proc = subprocess.run(
         [sys.executable, "-m", "mtlcore", "train", *args], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip()
+
+
+def test_cli_weighting_names_are_the_strategies():
+    from mtlcore import cli, weighting
+
+    assert set(cli.STRATEGY_NAMES) == set(weighting.STRATEGIES) - {"fixed"}
+
+
+def test_cli_train_with_a_weighting():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtlcore",
+            "train",
+            "--data",
+            "shapes",
+            "--samples",
+            "32",
+            "--epochs",
+            "1",
+            "--weighting",
+            "pcgrad",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "mask" in proc.stdout

@@ -10,7 +10,7 @@ import torch
 from mtlcore import Task
 from mtlcore.data import Shapes
 from mtlcore.models import SmallCNN
-from mtlcore.nn import LinearHead, MultiTaskModel
+from mtlcore.nn import DenseHead, LinearHead, MultiTaskModel
 from mtlcore.train import Trainer, load_checkpoint, save_checkpoint
 
 TASKS = [Task("shape", "ce", 3), Task("colour", "ce", 4), Task("size", "mse", 1)]
@@ -110,3 +110,58 @@ def test_fused_training_matches_plain_pytorch_step_by_step(optimizer, lr):
         b = float(plain_step(plain, plain_opt, tasks, x, y))
         bound = 1e-4 if optimizer == "sgd" or step < 10 else 1e-3
         assert abs(a - b) <= bound * abs(b), (step, a, b)
+
+
+def test_equal_weighting_reproduces_summed_loss_training():
+    from mtlcore.weighting import Equal
+
+    train = Shapes(64, image_size=16, seed=6)
+    plain, equal = make_trainer(seed=2), make_trainer(seed=2, weighting=Equal(len(TASKS)))
+    plain.fit(train, epochs=1)
+    equal.fit(train, epochs=1)
+    for a, b in zip(plain.model.parameters(), equal.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradient_weighting_with_one_task_is_plain_training():
+    """With one task every gradient-based strategy returns that task's gradient, so the
+    representation-gradient step must train exactly like ordinary backpropagation."""
+    from mtlcore.weighting import MGDA
+
+    one = [TASKS[0]]
+
+    def trainer(weighting):
+        torch.manual_seed(0)
+        model = MultiTaskModel(SmallCNN(3, 16), {"shape": LinearHead(128, 3)})
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return Trainer(model, one, opt, batch_size=16, weighting=weighting)
+
+    a, b = trainer(None), trainer(MGDA(1))
+    data = Shapes(48, image_size=16, seed=7)
+    a.fit(data, epochs=1)
+    b.fit(data, epochs=1)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["uncertainty", "dwa", "rlw", "famo", "gradnorm", "pcgrad", "mgda", "cagrad"]
+)
+def test_every_weighting_trains(name):
+    from mtlcore import weighting
+
+    data = Shapes(64, image_size=16, seed=8)
+    torch.manual_seed(0)
+    model = MultiTaskModel(
+        SmallCNN(3, 16), {"mask": DenseHead(64, 4, 16), "size": LinearHead(128, 1)}
+    )
+    tasks = [Task("mask", "ce", 4, dense=True), Task("size", "mse", 1)]
+    strategy = weighting.get(name, 2)
+    params = list(model.parameters()) + list(strategy.parameters())
+    trainer = Trainer(
+        model, tasks, torch.optim.Adam(params, lr=1e-3), batch_size=16, weighting=strategy
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    history = trainer.fit(data, epochs=2)
+    assert all(torch.isfinite(torch.tensor(v)) for row in history for v in row.values())
+    assert all(not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))

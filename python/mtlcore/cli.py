@@ -14,6 +14,19 @@ import json
 import sys
 from collections.abc import Sequence
 
+# The names of mtlcore.weighting.STRATEGIES (not imported here: the CLI starts fast).
+STRATEGY_NAMES = (
+    "equal",
+    "uncertainty",
+    "dwa",
+    "rlw",
+    "famo",
+    "gradnorm",
+    "pcgrad",
+    "mgda",
+    "cagrad",
+)
+
 
 def _info(args: argparse.Namespace) -> int:
     import mtlcore
@@ -50,6 +63,7 @@ def _train(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             baselines=args.baselines,
             compare_plain=args.compare_plain,
+            weighting=args.weighting,
             epochs=args.epochs,
             batch_size=args.batch_size,
             samples=args.samples,
@@ -109,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default=None, help="folder for history and checkpoints")
+    train.add_argument(
+        "--weighting",
+        choices=sorted(STRATEGY_NAMES),
+        default=None,
+        help="loss-weighting strategy (default: the task weights, all 1)",
+    )
     train.add_argument(
         "--compare-plain",
         action="store_true",

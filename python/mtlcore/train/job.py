@@ -75,10 +75,16 @@ def _fit(
 ) -> tuple[dict[str, dict[str, float]], float]:
     torch.manual_seed(args["seed"])
     model = build_model(tasks, channels, size)
+    strategy = None
+    if args["weighting"] is not None and len(tasks) > 1:
+        from mtlcore import weighting
+
+        strategy = weighting.get(args["weighting"], len(tasks))
+    params = list(model.parameters()) + (list(strategy.parameters()) if strategy else [])
     if args["optimizer"] == "adam":
-        opt: torch.optim.Optimizer = optim.Adam(model.parameters(), lr=args["lr"])
+        opt: torch.optim.Optimizer = optim.Adam(params, lr=args["lr"])
     else:
-        opt = optim.SGD(model.parameters(), lr=args["lr"], momentum=0.9)
+        opt = optim.SGD(params, lr=args["lr"], momentum=0.9)
     trainer = Trainer(
         model,
         tasks,
@@ -88,6 +94,7 @@ def _fit(
         seed=args["seed"],
         out_dir=out_dir,
         progress=args["progress"],
+        weighting=strategy,
     )
     # What `python -m mtlcore evaluate` needs to rebuild the model and find the data.
     trainer.config = {
@@ -162,6 +169,7 @@ def train_job(
     out_dir: str | None = None,
     baselines: bool = False,
     compare_plain: bool = False,
+    weighting: str | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
@@ -176,6 +184,7 @@ def train_job(
         "data": data,
         "data_dir": data_dir,
         "samples": samples,
+        "weighting": weighting,
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": optimizer,

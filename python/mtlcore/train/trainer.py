@@ -16,9 +16,11 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtlcore.nn.loss import MultiTaskLoss
+from mtlcore.nn.model import MultiTaskModel
 from mtlcore.tasks import Task, multitask_gain
 from mtlcore.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from mtlcore.train.plots import have_matplotlib, save_plots
+from mtlcore.weighting import LossWeighting
 
 __all__ = ["Trainer"]
 
@@ -43,6 +45,10 @@ class Trainer:
             atomically) and, with matplotlib installed, ``loss.png`` and ``metrics.png`` go
             after every epoch; None: nothing is written.
         progress: tqdm bars (default: when stderr is a terminal and tqdm is installed).
+        weighting: a strategy of :mod:`mtlcore.weighting` (None: the loss's own total).
+            Loss-based ones scalarise the per-task losses (their parameters, e.g.
+            uncertainty's, belong in the optimizer); gradient-based ones run on the gradients
+            of the shared representation (see ``_representation_step``).
 
     Distributed data parallel: when ``torch.distributed`` is initialised (e.g. under
     ``torchrun``; gloo on CPU, NCCL on GPU), each rank trains on its share of every batch
@@ -65,6 +71,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         progress: bool | None = None,
         num_workers: int = 0,
+        weighting: nn.Module | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -94,6 +101,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.num_workers = int(num_workers)
+        self.weighting = weighting.to(self.device) if weighting is not None else None
+        self._weighting_needs_after_step = isinstance(weighting, LossWeighting) and (
+            type(weighting).after_step is not LossWeighting.after_step
+        )
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         # Anything the caller wants in checkpoints (e.g. how to rebuild the model).
@@ -148,21 +159,34 @@ class Trainer:
         batches = 0
         loader = self._loader(data, shuffle=True, epoch=self.epoch)
         for x, y in self._batches(loader, f"epoch {self.epoch + 1}"):
-            with self._autocast():
-                total, parts = self.loss(self._train_model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
+            if self.weighting is not None and self.weighting.gradient_based:
+                total, parts = self._representation_step(x, y)
+            else:
+                with self._autocast():
+                    total, parts = self.loss(self._train_model(x), y)
+                    if self.weighting is not None:
+                        total = self.weighting.total(torch.stack(list(parts.values())))
+                if self.grad_scaler is not None:
+                    self.grad_scaler.scale(total).backward()
+                else:
+                    total.backward()
+            self._average_loss_gradients()
             if self.grad_scaler is not None:
-                self.grad_scaler.scale(total).backward()
-                self._average_loss_gradients()
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
             else:
-                total.backward()
-                self._average_loss_gradients()
                 self.optimizer.step()
+            if self._weighting_needs_after_step:
+                with torch.no_grad(), self._autocast():
+                    _, after = self.loss(self._train_model(x), y)
+                self.weighting.after_step(torch.stack(list(after.values())))
             batches += 1
             for k, v in {"total": total, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if self.weighting is not None and not self.weighting.gradient_based:
+            epoch_losses = [sums.get(t.name, 0.0) / max(batches, 1) for t in self.tasks]
+            self.weighting.end_epoch(torch.tensor(epoch_losses))
         means = {k: v / max(batches, 1) for k, v in sums.items()}
         if self.distributed:  # the history holds the mean over the ranks
             keys = sorted(means)
@@ -170,6 +194,51 @@ class Trainer:
             dist.all_reduce(t)
             means = dict(zip(keys, (t / self.world_size).tolist(), strict=True))
         return means
+
+    def _representation_step(self, x: Tensor, y: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """A gradient-based weighting step on the shared representation: the trunk runs
+        forward once, each task's gradient with respect to the trunk's outputs comes from its
+        head alone (the fused loss already holds each task's logit gradient), the strategy
+        combines them, and the trunk runs backward once on the combined gradient. The heads
+        are trained with the weights the strategy reports."""
+        model = self.model
+        if not isinstance(model, MultiTaskModel) or self.distributed:
+            raise ValueError("gradient-based weighting needs a MultiTaskModel and no DDP (for now)")
+        with self._autocast():
+            if model._map_heads:
+                feature_map, vector = model.trunk.features(x)
+                reps = [vector, feature_map]
+            else:
+                reps = [model.trunk(x)]
+            leaves = [r.detach().requires_grad_() for r in reps]
+            out = {
+                name: head(leaves[1] if name in model._map_heads else leaves[0])
+                for name, head in model.heads.items()
+            }
+            total, parts = self.loss(out, y)
+        per_task = torch.stack(list(parts.values()))
+        rows = []
+        for i in range(per_task.shape[0]):
+            grads = torch.autograd.grad(per_task[i], leaves, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(leaf)).float().flatten()
+                        for g, leaf in zip(grads, leaves, strict=True)
+                    ]
+                )
+            )
+        combined, weights = self.weighting.combine(torch.stack(rows), per_task.detach())
+        (weights.detach().to(per_task) * per_task).sum().backward(inputs=self._head_params())
+        pieces = combined.split([leaf.numel() for leaf in leaves])
+        torch.autograd.backward(
+            reps, [p.view_as(r).to(r.dtype) for p, r in zip(pieces, reps, strict=True)]
+        )
+        return total.detach(), parts
+
+    def _head_params(self) -> list[nn.Parameter]:
+        params = [p for p in self.model.heads.parameters() if p.requires_grad]
+        return params + [p for p in self.loss.parameters() if p.requires_grad]
 
     def _average_loss_gradients(self) -> None:
         """DDP averages the model's gradients; the loss's learnable parameters (uncertainty
@@ -252,6 +321,7 @@ class Trainer:
             "rng": get_rng_state(),
             "seed": self.seed,
             "config": self.config,
+            "weighting": self.weighting.state_dict() if self.weighting is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,6 +334,8 @@ class Trainer:
         self.history = list(state["history"])
         self.seed = int(state["seed"])
         self.config = dict(state.get("config", {}))
+        if self.weighting is not None and state.get("weighting") is not None:
+            self.weighting.load_state_dict(state["weighting"])
         set_rng_state(state["rng"])
 
     def save(self, path: str | Path) -> Path:
