@@ -43,15 +43,15 @@ __all__ = [
     "GradientWeighting",
     "LossWeighting",
     "PCGrad",
+    "Strategy",
     "Uncertainty",
     "get",
     "min_norm_point",
 ]
 
 
-class LossWeighting(nn.Module):
-    """Base of the loss-based strategies: ``total(losses)`` per step, ``end_epoch(mean losses)``
-    once per epoch, ``after_step(losses)`` after the optimizer step (FAMO)."""
+class Strategy(nn.Module):
+    """What every strategy has: its number of tasks and whether it combines gradients."""
 
     gradient_based = False
 
@@ -60,6 +60,11 @@ class LossWeighting(nn.Module):
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         self.num_tasks = int(num_tasks)
+
+
+class LossWeighting(Strategy):
+    """Base of the loss-based strategies: ``total(losses)`` per step, ``end_epoch(mean losses)``
+    once per epoch, ``after_step(losses)`` after the optimizer step (FAMO)."""
 
     def weights(self, losses: Tensor) -> Tensor:
         """The task weights of this step (detached, ``[T]``)."""
@@ -178,18 +183,12 @@ class FAMO(LossWeighting):
 # ---------------------------------------------------------------------------------------------
 
 
-class GradientWeighting(nn.Module):
+class GradientWeighting(Strategy):
     """Base of the gradient-based strategies: ``combine(grads [T, D], losses [T])`` returns
     the combined gradient ``[D]`` and the task weights ``[T]`` it corresponds to (what the
     task-specific heads are trained with)."""
 
     gradient_based = True
-
-    def __init__(self, num_tasks: int) -> None:
-        super().__init__()
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-        self.num_tasks = int(num_tasks)
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -350,7 +349,7 @@ class GradNorm(GradientWeighting):
         return weights @ grads, weights
 
 
-STRATEGIES: dict[str, type[nn.Module]] = {
+STRATEGIES: dict[str, type[Strategy]] = {
     "equal": Equal,
     "fixed": Fixed,
     "uncertainty": Uncertainty,
