@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch  # loads libtorch before the extension that links against it
 
-from mtlcore import _C, data, models, nn, ops, optim, reference, weighting
+from mtlcore import _C, data, models, nn, ops, optim, reference, relations, weighting
 from mtlcore.tasks import Task
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "ops",
     "optim",
     "reference",
+    "relations",
     "weighting",
 ]
 
