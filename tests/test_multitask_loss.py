@@ -677,3 +677,21 @@ def test_cuda_label_out_of_range_is_a_device_side_error():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode != 0
     assert "assert" in out.stderr.lower()
+
+
+def test_module_relation_decay_keeps_a_learnable_relation_bounded():
+    loss = MultiTaskLoss({"a": "mse", "b": "mse"}, learnable="relation", relation_decay=0.5)
+    x = {k: torch.randn(8, 2) for k in "ab"}
+    y = {k: torch.randn(8, 2) for k in "ab"}
+    opt = torch.optim.SGD(loss.parameters(), lr=0.1)
+    for _ in range(200):
+        opt.zero_grad()
+        loss(x, y)[0].backward()
+        opt.step()
+    per_task = torch.stack([F.mse_loss(x[k], y[k]) for k in "ab"])
+    # The minimum of sum R_ij L_i L_j + 0.5 |R|^2 is R = -L L^T.
+    torch.testing.assert_close(
+        loss.relation.detach(), -torch.outer(per_task, per_task), rtol=1e-3, atol=1e-3
+    )
+    with pytest.raises(ValueError, match="relation_decay must be >= 0"):
+        MultiTaskLoss({"a": "mse"}, relation_decay=-1.0)

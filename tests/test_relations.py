@@ -91,3 +91,56 @@ def test_lookahead_affinity_on_a_linear_model():
     meter.update(z)
     meter.update(z)
     torch.testing.assert_close(meter.value(), z)
+
+
+def test_trainer_measures_affinity_and_its_cost():
+    from mtlcore import Task
+    from mtlcore.data import Shapes
+    from mtlcore.models import SmallCNN
+    from mtlcore.nn import LinearHead, MultiTaskModel
+    from mtlcore.train import Trainer
+
+    tasks = [Task("shape", "ce", 3), Task("size", "mse", 1)]
+    torch.manual_seed(0)
+    model = MultiTaskModel(SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in tasks})
+    trainer = Trainer(
+        model,
+        tasks,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        batch_size=16,
+        affinity_every=2,
+    )
+    trainer.fit(Shapes(64, image_size=16), epochs=1)
+    z = trainer.affinity()
+    assert z.shape == (2, 2) and torch.isfinite(z).all()
+    assert trainer.affinity_meter.count == 2
+    assert z[0, 0] > 0 and z[1, 1] > 0  # a step on a task lowers its own loss
+    assert 0 < trainer.seconds["affinity"] < trainer.seconds["train"]
+
+
+def test_grouped_model_has_one_trunk_per_group():
+    from mtlcore.models import SmallCNN
+    from mtlcore.nn import GroupedModel, LinearHead
+
+    heads = {n: LinearHead(128, 2) for n in "abc"}
+    model = GroupedModel(lambda: SmallCNN(3, 16), heads, [["a", "c"], ["b"]])
+    out = model(torch.randn(2, 3, 16, 16))
+    assert set(out) == {"a", "b", "c"} and len(model.branches) == 2
+    assert model.branches[0].trunk is not model.branches[1].trunk
+    out["b"].sum().backward()
+    assert model.branches[0].trunk.fc.weight.grad is None  # b's loss reaches only its trunk
+    with pytest.raises(ValueError, match="exactly once"):
+        GroupedModel(lambda: SmallCNN(3, 16), heads, [["a"], ["b"]])
+
+
+def test_cli_affinity(tmp_path):
+    import subprocess
+    import sys
+
+    args = f"affinity --data shapes --samples 64 --batch-size 16 --every 2 --out {tmp_path}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtlcore", *args.split()], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "best grouping into 2" in proc.stdout and "measuring cost" in proc.stdout
+    assert (tmp_path / "affinity.json").is_file() and (tmp_path / "affinity.png").is_file()

@@ -5,6 +5,7 @@ Commands:
   demo   trains a small model with mtlcore.optim and prints its loss falling
   train     trains SmallCNN with one head per task on a multi-task set, then evaluates it
   evaluate  evaluates a checkpoint written by train on its data's test split
+  affinity  trains briefly, prints the tasks' lookahead affinity and the best task grouping
 """
 
 from __future__ import annotations
@@ -91,6 +92,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _affinity(args: argparse.Namespace) -> int:
+    from mtlcore.train.job import affinity_job
+
+    if args.epochs < 1 or args.every < 1 or args.groups < 1:
+        print("mtlcore affinity: --epochs, --every and --groups must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        affinity_job(
+            data=args.data,
+            data_dir=args.data_dir,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            samples=args.samples,
+            every=args.every,
+            num_groups=args.groups,
+            device=args.device,
+            seed=args.seed,
+            out_dir=args.out,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtlcore affinity: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mtlcore",
@@ -141,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=_evaluate)
+    aff = sub.add_parser("affinity", help="measure inter-task affinity and group the tasks")
+    aff.add_argument(
+        "--data", choices=["auto", "multifashion", "shapes", "cifar10"], default="auto"
+    )
+    aff.add_argument("--data-dir", default=None)
+    aff.add_argument("--epochs", type=int, default=1)
+    aff.add_argument("--batch-size", type=int, default=64)
+    aff.add_argument("--samples", type=int, default=None)
+    aff.add_argument("--every", type=int, default=10, help="measure every this many steps")
+    aff.add_argument("--groups", type=int, default=2)
+    aff.add_argument("--device", default="cpu")
+    aff.add_argument("--seed", type=int, default=0)
+    aff.add_argument("--out", default=None, help="folder for affinity.json and affinity.png")
+    aff.set_defaults(func=_affinity)
     return parser
 
 

@@ -48,6 +48,9 @@ class MultiTaskLoss(nn.Module):
             ``w_i = weights[i] * exp(-s_i)`` and ``sum_i s_i`` is added to the total.
             ``"relation"`` makes ``R`` a parameter.
         ignore_index, label_smoothing: for ``ce`` tasks, as ``F.cross_entropy``.
+        relation_decay: adds ``relation_decay * |R|^2`` to the total, which keeps a learnable
+            relation bounded (without it, a negative ``R_ij`` would lower the total without
+            limit as the losses grow).
 
     ``forward(outputs, targets)`` takes dicts keyed by task name (a NaN regression target or an
     ``ignore_index`` class marks a missing label) and returns ``(total, {name: loss})``.
@@ -62,6 +65,7 @@ class MultiTaskLoss(nn.Module):
         *,
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
+        relation_decay: float = 0.0,
     ) -> None:
         super().__init__()
         self.kinds = _task_kinds(tasks)
@@ -89,6 +93,9 @@ class MultiTaskLoss(nn.Module):
         self.log_vars = nn.Parameter(torch.zeros(t)) if "uncertainty" in modes else None
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
+        if relation_decay < 0:
+            raise ValueError(f"MultiTaskLoss: relation_decay must be >= 0, got {relation_decay}")
+        self.relation_decay = float(relation_decay)
 
     def task_weights(self) -> Tensor:
         """The weights ``w_i`` the op receives (with uncertainty: ``weights * exp(-s)``)."""
@@ -114,6 +121,8 @@ class MultiTaskLoss(nn.Module):
         )
         if self.log_vars is not None:
             total = total + self.log_vars.sum()
+        if self.relation_decay > 0 and self.relation is not None:
+            total = total + self.relation_decay * self.relation.square().sum()
         return total, dict(zip(self.names, per_task.unbind(), strict=True))
 
     def extra_repr(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from mtlcore.nn.conv import Conv2dAct
 
-__all__ = ["DenseHead", "LinearHead", "MLPHead", "MultiTaskModel"]
+__all__ = ["DenseHead", "GroupedModel", "LinearHead", "MLPHead", "MultiTaskModel"]
 
 
 class LinearHead(nn.Linear):
@@ -102,3 +102,35 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """The trunk's parameters (what gradient-based weighting methods balance)."""
         return list(self.trunk.parameters())
+
+
+class GroupedModel(nn.Module):
+    """Branched hard sharing: one trunk per group of tasks (e.g. from
+    :func:`mtlcore.relations.group_tasks`), each with its group's heads; returns the union of
+    the branches' outputs. ``trunk_factory()`` builds a fresh trunk per group."""
+
+    def __init__(
+        self,
+        trunk_factory: Callable[[], nn.Module],
+        heads: Mapping[str, nn.Module],
+        groups: Sequence[Sequence[str]],
+    ) -> None:
+        super().__init__()
+        names = [n for g in groups for n in g]
+        if sorted(names) != sorted(heads) or len(names) != len(set(names)):
+            raise ValueError(
+                f"GroupedModel: groups {list(map(list, groups))} must hold every head "
+                f"({sorted(heads)}) exactly once"
+            )
+        if any(len(g) == 0 for g in groups):
+            raise ValueError("GroupedModel: groups must not be empty")
+        self.groups = [list(g) for g in groups]
+        self.branches = nn.ModuleList(
+            MultiTaskModel(trunk_factory(), {n: heads[n] for n in g}) for g in groups
+        )
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for branch in self.branches:
+            out.update(branch(x))
+        return out

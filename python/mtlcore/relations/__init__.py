@@ -56,13 +56,19 @@ def lookahead_affinity(
     losses = losses_fn()
     t = losses.shape[0]
     before = losses.detach().double()
-    z = torch.zeros(t, t, dtype=torch.float64)
+    # Every task's step first: the graph of `losses` must not see the parameters move.
+    steps = []
     for i in range(t):
         grads = torch.autograd.grad(losses[i], shared, retain_graph=i < t - 1, allow_unused=True)
-        deltas = [
-            (g if g is not None else torch.zeros_like(p)) * lr
-            for g, p in zip(grads, shared, strict=True)
-        ]
+        steps.append(
+            [
+                (g if g is not None else torch.zeros_like(p)) * lr
+                for g, p in zip(grads, shared, strict=True)
+            ]
+        )
+    del losses
+    z = torch.zeros(t, t, dtype=torch.float64)
+    for i, deltas in enumerate(steps):
         _apply(shared, deltas, -1.0)
         with torch.no_grad():
             after = losses_fn().detach().double()

@@ -256,3 +256,79 @@ def evaluate_checkpoint(
     for task in tasks:
         log(f"  {task.name:9s} " + ", ".join(f"{m} {v:.4f}" for m, v in results[task.name].items()))
     return results
+
+
+def affinity_job(
+    *,
+    data: str = "auto",
+    data_dir: str | None = None,
+    epochs: int = 1,
+    batch_size: int = 64,
+    samples: int | None = None,
+    every: int = 10,
+    num_groups: int = 2,
+    lookahead_lr: float = 0.01,
+    lr: float = 2e-3,
+    device: str = "cpu",
+    seed: int = 0,
+    out_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[torch.Tensor, list[list[str]]]:
+    """Trains briefly while measuring the lookahead inter-task affinity every ``every`` steps;
+    prints the matrix, the best grouping into ``num_groups`` groups and the measuring overhead;
+    writes ``affinity.json`` and (with matplotlib) ``affinity.png`` to ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    from mtlcore.relations import group_tasks
+
+    train, _, tasks, channels, size = load_data(data, samples, seed, data_dir, log)
+    if not 1 <= num_groups <= len(tasks):
+        raise ValueError(f"--groups must be in [1, {len(tasks)}], got {num_groups}")
+    torch.manual_seed(seed)
+    model = build_model(tasks, channels, size)
+    trainer = Trainer(
+        model,
+        tasks,
+        optim.Adam(model.parameters(), lr=lr),
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        progress=False,
+        affinity_every=every,
+        affinity_lr=lookahead_lr,
+    )
+    trainer.fit(train, epochs=epochs)
+    affinity = trainer.affinity()
+    names = [t.name for t in tasks]
+    groups = [[names[i] for i in g] for g in group_tasks(affinity, num_groups)]
+    overhead = trainer.seconds["affinity"] / max(trainer.seconds["train"], 1e-9)
+    log(
+        f"lookahead affinity Z[i, j] (row i: a step on task i; {trainer.affinity_meter.count} "
+        "measurements):"
+    )
+    log("          " + " ".join(f"{n[:8]:>8s}" for n in names))
+    for n, row in zip(names, affinity.tolist(), strict=True):
+        log(f"{n[:9]:9s} " + " ".join(f"{v:8.4f}" for v in row))
+    log(f"best grouping into {num_groups}: " + " | ".join(", ".join(g) for g in groups))
+    log(f"measuring cost: {100 * overhead:.1f}% of the training time")
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "affinity.json").write_text(
+            json.dumps(
+                {
+                    "tasks": names,
+                    "affinity": affinity.tolist(),
+                    "groups": groups,
+                    "overhead": overhead,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        from mtlcore.train.plots import have_matplotlib, save_heatmap
+
+        if have_matplotlib():
+            save_heatmap(affinity, names, out / "affinity.png", "lookahead affinity")
+    return affinity, groups

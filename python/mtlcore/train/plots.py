@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["have_matplotlib", "save_plots"]
+__all__ = ["have_matplotlib", "save_heatmap", "save_plots"]
 
 
 def have_matplotlib() -> bool:
@@ -66,3 +68,33 @@ def save_plots(history: Sequence[dict[str, float]], out_dir: str | Path) -> list
         plt.close(fig)
         written.append(out_dir / "metrics.png")
     return written
+
+
+def save_heatmap(matrix, labels: Sequence[str], path: str | Path, title: str) -> Path:
+    """A labelled heatmap PNG of a square matrix (values written in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [[float(v) for v in row] for row in matrix]
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * n, 0.8 + 0.8 * n))
+    image = ax.imshow(
+        values,
+        cmap="RdBu",
+        vmin=-max(map(abs, functools.reduce(operator.iadd, values, []))) or -1,
+        vmax=max(map(abs, functools.reduce(operator.iadd, values, []))) or 1,
+    )
+    ax.set_xticks(range(n), labels, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{values[i][j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title)
+    fig.colorbar(image)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mtlcore.nn.loss import MultiTaskLoss
 from mtlcore.nn.model import MultiTaskModel
+from mtlcore.relations import AffinityMeter, lookahead_affinity
 from mtlcore.tasks import Task, multitask_gain
 from mtlcore.train.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
 from mtlcore.train.plots import have_matplotlib, save_plots
@@ -45,6 +47,9 @@ class Trainer:
             atomically) and, with matplotlib installed, ``loss.png`` and ``metrics.png`` go
             after every epoch; None: nothing is written.
         progress: tqdm bars (default: when stderr is a terminal and tqdm is installed).
+        affinity_every, affinity_lr: measure the lookahead inter-task affinity
+            (:func:`mtlcore.relations.lookahead_affinity`, on the shared parameters) every
+            that many steps; :meth:`affinity` averages it and ``seconds`` shows its cost.
         weighting: a strategy of :mod:`mtlcore.weighting` (None: the loss's own total).
             Loss-based ones scalarise the per-task losses (their parameters, e.g.
             uncertainty's, belong in the optimizer); gradient-based ones run on the gradients
@@ -72,6 +77,8 @@ class Trainer:
         progress: bool | None = None,
         num_workers: int = 0,
         weighting: nn.Module | None = None,
+        affinity_every: int = 0,
+        affinity_lr: float = 0.01,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -101,6 +108,12 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.num_workers = int(num_workers)
+        # Lookahead inter-task affinity, measured every `affinity_every` steps (0: never).
+        self.affinity_every = int(affinity_every)
+        self.affinity_lr = float(affinity_lr)
+        self.affinity_meter = AffinityMeter(len(self.tasks))
+        self.seconds = {"train": 0.0, "affinity": 0.0}
+        self._step = 0
         self.weighting = weighting.to(self.device) if weighting is not None else None
         self._weighting_needs_after_step = isinstance(weighting, LossWeighting) and (
             type(weighting).after_step is not LossWeighting.after_step
@@ -154,6 +167,13 @@ class Trainer:
 
     def train_epoch(self, data: Dataset) -> dict[str, float]:
         """One pass over ``data``; returns the mean total and per-task training losses."""
+        start = time.perf_counter()
+        try:
+            return self._train_epoch(data)
+        finally:
+            self.seconds["train"] += time.perf_counter() - start
+
+    def _train_epoch(self, data: Dataset) -> dict[str, float]:
         self.model.train()
         sums: dict[str, float] = {}
         batches = 0
@@ -182,6 +202,9 @@ class Trainer:
                     _, after = self.loss(self._train_model(x), y)
                 self.weighting.after_step(torch.stack(list(after.values())))
             batches += 1
+            self._step += 1
+            if self.affinity_every and self._step % self.affinity_every == 0:
+                self._measure_affinity(x, y)
             for k, v in {"total": total, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         if self.weighting is not None and not self.weighting.gradient_based:
@@ -235,6 +258,26 @@ class Trainer:
             reps, [p.view_as(r).to(r.dtype) for p, r in zip(pieces, reps, strict=True)]
         )
         return total.detach(), parts
+
+    def _measure_affinity(self, x: Tensor, y: dict[str, Tensor]) -> None:
+        start = time.perf_counter()
+        shared = (
+            self.model.shared_parameters()
+            if hasattr(self.model, "shared_parameters")
+            else list(self.model.parameters())
+        )
+
+        def losses() -> Tensor:
+            with self._autocast():
+                _, parts = self.loss(self.model(x), y)
+            return torch.stack(list(parts.values())).float()
+
+        self.affinity_meter.update(lookahead_affinity(losses, shared, self.affinity_lr))
+        self.seconds["affinity"] += time.perf_counter() - start
+
+    def affinity(self) -> Tensor:
+        """The mean lookahead affinity ``Z[i, j]`` measured so far (``affinity_every``)."""
+        return self.affinity_meter.value()
 
     def _head_params(self) -> list[nn.Parameter]:
         params = [p for p in self.model.heads.parameters() if p.requires_grad]
