@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # The names of mtlcore.weighting.STRATEGIES (not imported here: the CLI starts fast).
 STRATEGY_NAMES = (
@@ -48,18 +48,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if losses[-1] < losses[0] else 1
 
 
+def _guarded(command: str, problem: str | None, run: Callable[[], object]) -> int:
+    """Exit code 2 with a one-line message for bad arguments (``problem``) or for missing or
+    corrupt data (FileNotFoundError / ValueError from ``run``); 0 otherwise."""
+    if problem:
+        print(f"mtlcore {command}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        run()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtlcore {command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from mtlcore.train.job import train_job
 
     samples_ok = args.samples is None or args.samples >= 4
-    if args.epochs < 1 or args.batch_size < 1 or not samples_ok or args.lr <= 0:
-        print(
-            "mtlcore train: --epochs and --batch-size must be >= 1, --samples >= 4, --lr > 0",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        train_job(
+    bad = args.epochs < 1 or args.batch_size < 1 or not samples_ok or args.lr <= 0
+    return _guarded(
+        "train",
+        "--epochs and --batch-size must be >= 1, --samples >= 4, --lr > 0" if bad else None,
+        lambda: train_job(
             data=args.data,
             data_dir=args.data_dir,
             baselines=args.baselines,
@@ -74,32 +85,28 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             out_dir=args.out,
             progress=False if args.no_progress else None,
-        )
-    except (FileNotFoundError, ValueError) as e:  # missing or corrupt data files
-        print(f"mtlcore train: {e}", file=sys.stderr)
-        return 2
-    return 0
+        ),
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from mtlcore.train.job import evaluate_checkpoint
 
-    try:
-        evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mtlcore evaluate: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return _guarded(
+        "evaluate",
+        None,
+        lambda: evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device),
+    )
 
 
 def _affinity(args: argparse.Namespace) -> int:
     from mtlcore.train.job import affinity_job
 
-    if args.epochs < 1 or args.every < 1 or args.groups < 1:
-        print("mtlcore affinity: --epochs, --every and --groups must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        affinity_job(
+    bad = args.epochs < 1 or args.every < 1 or args.groups < 1
+    return _guarded(
+        "affinity",
+        "--epochs, --every and --groups must be >= 1" if bad else None,
+        lambda: affinity_job(
             data=args.data,
             data_dir=args.data_dir,
             epochs=args.epochs,
@@ -110,11 +117,8 @@ def _affinity(args: argparse.Namespace) -> int:
             device=args.device,
             seed=args.seed,
             out_dir=args.out,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mtlcore affinity: {e}", file=sys.stderr)
-        return 2
-    return 0
+        ),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
