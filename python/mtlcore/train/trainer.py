@@ -252,7 +252,11 @@ class Trainer:
                 )
             )
         combined, weights = self.weighting.combine(torch.stack(rows), per_task.detach())
-        (weights.detach().to(per_task) * per_task).sum().backward(inputs=self._head_params())
+        head_loss = (weights.detach().to(per_task) * per_task).sum()
+        if self.grad_scaler is not None:  # the scaler's step expects scaled gradients
+            scale = float(self.grad_scaler.get_scale())
+            head_loss, combined = head_loss * scale, combined * scale
+        head_loss.backward(inputs=self._head_params())
         pieces = combined.split([leaf.numel() for leaf in leaves])
         torch.autograd.backward(
             reps, [p.view_as(r).to(r.dtype) for p, r in zip(pieces, reps, strict=True)]
