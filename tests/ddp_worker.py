@@ -1,5 +1,6 @@
 """Trains the test model of test_distributed.py, under torchrun or alone; rank 0 saves the
-parameters. Usage: python ddp_worker.py OUT_FILE BATCH_PER_RANK [OUT_DIR]"""
+parameters (every rank saves OUT_FILE.rank<r> too when a weighting is given).
+Usage: python ddp_worker.py OUT_FILE BATCH_PER_RANK [OUT_DIR|-] [WEIGHTING]"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from mtlcore.train import Trainer
 TASKS = [Task("shape", "ce", 3), Task("colour", "ce", 4), Task("size", "mse", 1)]
 
 
-def main(out: str, batch: int, out_dir: str | None) -> None:
+def main(out: str, batch: int, out_dir: str | None, weighting: str | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -36,9 +37,12 @@ def main(out: str, batch: int, out_dir: str | None) -> None:
     trainer.fit(Shapes(96, image_size=16, seed=1), epochs=2)
     if trainer.is_main:
         torch.save({"params": model.state_dict(), "history": trainer.history}, out)
+    if weighting:
+        torch.save(model.state_dict(), f"{out}.rank{trainer.rank}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    out_dir = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+    main(sys.argv[1], int(sys.argv[2]), out_dir, sys.argv[4] if len(sys.argv) > 4 else None)

@@ -53,3 +53,23 @@ def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
         ["checkpoint.pt", "history.csv", "history.json", "loss.png"]
     )
     shutil.rmtree(out_dir)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_gradient_based_weighting_keeps_the_ranks_in_step(tmp_path):
+    """PCGrad sets the gradients itself (no DDP hooks): they are averaged by hand, so both
+    ranks end with the same parameters."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "pc.pt"
+    launch = [*torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    proc = subprocess.run(
+        [*launch, str(out), "16", "-", "pcgrad"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(f"{out}.rank0"), torch.load(f"{out}.rank1")
+    for name, p in r0.items():
+        assert torch.equal(p, r1[name]), name

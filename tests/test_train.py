@@ -165,3 +165,28 @@ def test_every_weighting_trains(name):
     history = trainer.fit(data, epochs=2)
     assert all(torch.isfinite(torch.tensor(v)) for row in history for v in row.values())
     assert all(not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+
+
+def test_parameter_gradients_mode():
+    """weighting_on="parameters": the strategy sees the full gradients of the shared
+    parameters; with one task it trains like plain backpropagation."""
+    from mtlcore.weighting import MGDA, PCGrad
+
+    def trainer(weighting, tasks, on="parameters"):
+        torch.manual_seed(0)
+        model = MultiTaskModel(
+            SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in tasks}
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        return Trainer(model, tasks, opt, batch_size=16, weighting=weighting, weighting_on=on)
+
+    data = Shapes(48, image_size=16, seed=7)
+    a, b = trainer(None, TASKS[:1]), trainer(MGDA(1), TASKS[:1])
+    a.fit(data, epochs=1)
+    b.fit(data, epochs=1)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    history = trainer(PCGrad(len(TASKS)), TASKS).fit(data, epochs=1)
+    assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
+    with pytest.raises(ValueError, match="weighting_on must be"):
+        trainer(None, TASKS, on="everything")

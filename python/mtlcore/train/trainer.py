@@ -53,7 +53,10 @@ class Trainer:
         weighting: a strategy of :mod:`mtlcore.weighting` (None: the loss's own total).
             Loss-based ones scalarise the per-task losses (their parameters, e.g.
             uncertainty's, belong in the optimizer); gradient-based ones run on the gradients
-            of the shared representation (see ``_representation_step``).
+            of the shared representation (see ``_representation_step``), or with
+            ``weighting_on="parameters"`` on the full gradients of the shared parameters (one
+            trunk backward per task). Under torch.distributed each rank combines its own
+            batch's task gradients and the results are averaged over the ranks.
 
     Distributed data parallel: when ``torch.distributed`` is initialised (e.g. under
     ``torchrun``; gloo on CPU, NCCL on GPU), each rank trains on its share of every batch
@@ -79,6 +82,7 @@ class Trainer:
         weighting: nn.Module | None = None,
         affinity_every: int = 0,
         affinity_lr: float = 0.01,
+        weighting_on: str = "representation",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -103,10 +107,18 @@ class Trainer:
         )
         # Under torch.distributed the model trains wrapped in DistributedDataParallel (gradients
         # averaged over the ranks); checkpoints hold the unwrapped model.
+        # Gradient-based weighting sets the gradients itself, so under torch.distributed it
+        # averages them over the ranks by hand instead of through DDP's hooks.
         self._train_model: nn.Module = self.model
-        if self.distributed:
+        self._manual_sync = self.distributed and bool(getattr(weighting, "gradient_based", False))
+        if self.distributed and not self._manual_sync:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if weighting_on not in ("representation", "parameters"):
+            raise ValueError(
+                f"weighting_on must be 'representation' or 'parameters', got {weighting_on!r}"
+            )
+        self.weighting_on = weighting_on
         self.num_workers = int(num_workers)
         # Lookahead inter-task affinity, measured every `affinity_every` steps (0: never).
         self.affinity_every = int(affinity_every)
@@ -225,8 +237,10 @@ class Trainer:
         combines them, and the trunk runs backward once on the combined gradient. The heads
         are trained with the weights the strategy reports."""
         model = self.model
-        if not isinstance(model, MultiTaskModel) or self.distributed:
-            raise ValueError("gradient-based weighting needs a MultiTaskModel and no DDP (for now)")
+        if not isinstance(model, MultiTaskModel):
+            raise ValueError("gradient-based weighting needs a MultiTaskModel (trunk + heads)")
+        if self.weighting_on == "parameters":
+            return self._parameter_step(x, y)
         with self._autocast():
             if model._map_heads:
                 feature_map, vector = model.trunk.features(x)
@@ -251,16 +265,46 @@ class Trainer:
                     ]
                 )
             )
+        combined = self._combine_and_train_heads(rows, per_task)
+        pieces = combined.split([leaf.numel() for leaf in leaves])
+        torch.autograd.backward(
+            reps, [p.view_as(r).to(r.dtype) for p, r in zip(pieces, reps, strict=True)]
+        )
+        return total.detach(), parts
+
+    def _combine_and_train_heads(self, rows: list[Tensor], per_task: Tensor) -> Tensor:
+        """Combines the task gradients, trains the heads (and the loss's parameters) with the
+        weights the strategy reports; returns the combined gradient, scaled for a GradScaler."""
         combined, weights = self.weighting.combine(torch.stack(rows), per_task.detach())
         head_loss = (weights.detach().to(per_task) * per_task).sum()
         if self.grad_scaler is not None:  # the scaler's step expects scaled gradients
             scale = float(self.grad_scaler.get_scale())
             head_loss, combined = head_loss * scale, combined * scale
         head_loss.backward(inputs=self._head_params())
-        pieces = combined.split([leaf.numel() for leaf in leaves])
-        torch.autograd.backward(
-            reps, [p.view_as(r).to(r.dtype) for p, r in zip(pieces, reps, strict=True)]
-        )
+        return combined
+
+    def _parameter_step(self, x: Tensor, y: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        """A gradient-based weighting step on the full gradients of the shared (trunk)
+        parameters: one backward through the trunk per task."""
+        shared = [p for p in self.model.shared_parameters() if p.requires_grad]
+        with self._autocast():
+            total, parts = self.loss(self.model(x), y)
+        per_task = torch.stack(list(parts.values()))
+        rows = []
+        for i in range(per_task.shape[0]):
+            grads = torch.autograd.grad(per_task[i], shared, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [
+                        (g if g is not None else torch.zeros_like(p)).float().flatten()
+                        for g, p in zip(grads, shared, strict=True)
+                    ]
+                )
+            )
+        combined = self._combine_and_train_heads(rows, per_task)
+        for p, piece in zip(shared, combined.split([p.numel() for p in shared]), strict=True):
+            g = piece.view_as(p).to(p.dtype)
+            p.grad = g if p.grad is None else p.grad + g
         return total.detach(), parts
 
     def _measure_affinity(self, x: Tensor, y: dict[str, Tensor]) -> None:
@@ -288,11 +332,15 @@ class Trainer:
         return params + [p for p in self.loss.parameters() if p.requires_grad]
 
     def _average_loss_gradients(self) -> None:
-        """DDP averages the model's gradients; the loss's learnable parameters (uncertainty
-        weights, relation) are averaged here."""
+        """DDP averages the model's gradients (here too when it is not used: gradient-based
+        weighting); the loss's learnable parameters (uncertainty weights, relation) are
+        averaged here."""
         if not self.distributed:
             return
-        for p in self.loss.parameters():
+        params = list(self.loss.parameters())
+        if self._manual_sync:
+            params += list(self.model.parameters())
+        for p in params:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world_size
