@@ -29,6 +29,23 @@ __all__ = ["Trainer"]
 Batch = tuple[Tensor, dict[str, Tensor]]
 
 
+def _task_gradients(per_task: Tensor, wrt: list[Tensor]) -> Tensor:
+    """``[T, D]``: row i is the gradient of ``per_task[i]`` with respect to ``wrt``, flattened
+    and concatenated (zeros where a task does not reach a tensor); the graph is kept."""
+    rows = []
+    for loss in per_task:
+        grads = torch.autograd.grad(loss, wrt, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(t)).float().flatten()
+                    for g, t in zip(grads, wrt, strict=True)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
 class Trainer:
     """Trains a model whose forward returns ``{task: output}`` on data whose samples are
     ``(input, {task: target})`` (missing labels: ``ignore_index`` / NaN).
@@ -254,28 +271,17 @@ class Trainer:
             }
             total, parts = self.loss(out, y)
         per_task = torch.stack(list(parts.values()))
-        rows = []
-        for i in range(per_task.shape[0]):
-            grads = torch.autograd.grad(per_task[i], leaves, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(leaf)).float().flatten()
-                        for g, leaf in zip(grads, leaves, strict=True)
-                    ]
-                )
-            )
-        combined = self._combine_and_train_heads(rows, per_task)
+        combined = self._combine_and_train_heads(_task_gradients(per_task, leaves), per_task)
         pieces = combined.split([leaf.numel() for leaf in leaves])
         torch.autograd.backward(
             reps, [p.view_as(r).to(r.dtype) for p, r in zip(pieces, reps, strict=True)]
         )
         return total.detach(), parts
 
-    def _combine_and_train_heads(self, rows: list[Tensor], per_task: Tensor) -> Tensor:
+    def _combine_and_train_heads(self, rows: Tensor, per_task: Tensor) -> Tensor:
         """Combines the task gradients, trains the heads (and the loss's parameters) with the
         weights the strategy reports; returns the combined gradient, scaled for a GradScaler."""
-        combined, weights = self.weighting.combine(torch.stack(rows), per_task.detach())
+        combined, weights = self.weighting.combine(rows, per_task.detach())
         head_loss = (weights.detach().to(per_task) * per_task).sum()
         if self.grad_scaler is not None:  # the scaler's step expects scaled gradients
             scale = float(self.grad_scaler.get_scale())
@@ -290,18 +296,7 @@ class Trainer:
         with self._autocast():
             total, parts = self.loss(self.model(x), y)
         per_task = torch.stack(list(parts.values()))
-        rows = []
-        for i in range(per_task.shape[0]):
-            grads = torch.autograd.grad(per_task[i], shared, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(p)).float().flatten()
-                        for g, p in zip(grads, shared, strict=True)
-                    ]
-                )
-            )
-        combined = self._combine_and_train_heads(rows, per_task)
+        combined = self._combine_and_train_heads(_task_gradients(per_task, shared), per_task)
         for p, piece in zip(shared, combined.split([p.numel() for p in shared]), strict=True):
             g = piece.view_as(p).to(p.dtype)
             p.grad = g if p.grad is None else p.grad + g
