@@ -76,6 +76,7 @@ def _train(args: argparse.Namespace) -> int:
             baselines=args.baselines,
             compare_plain=args.compare_plain,
             weighting=args.weighting,
+            weighting_on=args.weighting_on,
             epochs=args.epochs,
             batch_size=args.batch_size,
             samples=args.samples,
@@ -158,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(STRATEGY_NAMES),
         default=None,
         help="loss-weighting strategy (default: the task weights, all 1)",
+    )
+    train.add_argument(
+        "--weighting-on",
+        choices=["representation", "parameters"],
+        default="representation",
+        help="gradients a gradient-based weighting combines: of the trunk's outputs (one "
+        "trunk backward) or of the shared parameters (one trunk backward per task)",
     )
     train.add_argument(
         "--compare-plain",

@@ -95,6 +95,7 @@ def _fit(
         out_dir=out_dir,
         progress=args["progress"],
         weighting=strategy,
+        weighting_on=args["weighting_on"],
     )
     # What `python -m mtlcore evaluate` needs to rebuild the model and find the data.
     trainer.config = {
@@ -170,6 +171,7 @@ def train_job(
     baselines: bool = False,
     compare_plain: bool = False,
     weighting: str | None = None,
+    weighting_on: str = "representation",
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
@@ -185,6 +187,7 @@ def train_job(
         "data_dir": data_dir,
         "samples": samples,
         "weighting": weighting,
+        "weighting_on": weighting_on,
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": optimizer,
