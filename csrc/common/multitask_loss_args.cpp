@@ -122,15 +122,10 @@ MultitaskLossProblem check_multitask_loss_args(const char* op, at::TensorList lo
       } else if (y.scalar_type() != p.dtype) {
         yy = y.to(at::kFloat);
       }
-      // Both are read with one row layout: in place when both are 2-d with dense rows.
-      at::Tensor xr = readable(x);
-      at::Tensor yr = readable(yy);
-      if (x.dim() != 2 || xr.dim() != 2 || yr.dim() != 2) {
-        xr = x.contiguous();
-        yr = yy.contiguous();
-      }
-      p.logits.push_back(xr);
-      p.targets.push_back(yr);
+      // Both are read with one row layout: 2-d ones in place when their rows are dense,
+      // anything else as one contiguous row.
+      p.logits.push_back(x.dim() == 2 ? readable(x) : x.contiguous());
+      p.targets.push_back(x.dim() == 2 ? readable(yy) : yy.contiguous());
     }
     p.kinds.push_back(kind);
   }

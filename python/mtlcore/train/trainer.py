@@ -204,7 +204,10 @@ class Trainer:
 
     def _train_epoch(self, data: Dataset) -> dict[str, float]:
         self.model.train()
-        sums: dict[str, float] = {}
+        # Losses summed on the device (float64) and read once per epoch: no host
+        # synchronisation per step.
+        keys = ["total", *self.loss.names]
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
         batches = 0
         loader = self._loader(data, shuffle=True, epoch=self.epoch)
         for x, y in self._batches(loader, f"epoch {self.epoch + 1}"):
@@ -234,18 +237,15 @@ class Trainer:
             self._step += 1
             if self.affinity_every and self._step % self.affinity_every == 0:
                 self._measure_affinity(x, y)
-            for k, v in {"total": total, **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        if self.weighting is not None and not self.weighting.gradient_based:
-            epoch_losses = [sums.get(t.name, 0.0) / max(batches, 1) for t in self.tasks]
-            self.weighting.end_epoch(torch.tensor(epoch_losses))
-        means = {k: v / max(batches, 1) for k, v in sums.items()}
+            step_losses = [total.detach(), *(parts[k].detach() for k in keys[1:])]
+            sums += torch.stack(step_losses).to(torch.float64)
+        means = sums / max(batches, 1)
         if self.distributed:  # the history holds the mean over the ranks
-            keys = sorted(means)
-            t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t)
-            means = dict(zip(keys, (t / self.world_size).tolist(), strict=True))
-        return means
+            dist.all_reduce(means)
+            means /= self.world_size
+        if self.weighting is not None and not self.weighting.gradient_based:
+            self.weighting.end_epoch(means[1:].cpu())
+        return dict(zip(keys, means.tolist(), strict=True))
 
     def _representation_step(self, x: Tensor, y: dict[str, Tensor]) -> tuple[Tensor, dict]:
         """A gradient-based weighting step on the shared representation: the trunk runs
