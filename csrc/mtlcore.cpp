@@ -103,6 +103,7 @@ pybind11::dict build_info() {
   d["openmp"] = false;
 #endif
   d["threads"] = at::get_num_threads();
+  d["sanitize"] = MTLCORE_SANITIZE;  // compiler sanitizers of this build ("" for none)
   return d;
 }
 

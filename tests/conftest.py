@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,3 +25,21 @@ def dtypes_for(device: str) -> list[torch.dtype]:
     if device == "cpu":
         return [torch.float32, torch.float64]
     return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+# Hypothesis profiles for tests/test_fuzz.py: "ci" (the default) replays a fixed seed with a
+# bounded number of examples so `make test` stays quick and reproducible; "long" (`make fuzz`)
+# draws fresh random cases, many more of them.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test dependency; without it test_fuzz.py fails to import
+    pass
+else:
+    _slow = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile(
+        "ci", max_examples=40, derandomize=True, deadline=None, suppress_health_check=_slow
+    )
+    settings.register_profile(
+        "long", max_examples=2000, deadline=None, suppress_health_check=_slow, print_blob=True
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -3,7 +3,9 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 
 namespace mtlcore {
 
@@ -34,6 +36,45 @@ void check_adam_options(const AdamOptions& o) {
                     o.eps);
   TORCH_CHECK_VALUE(finite_nonneg(o.weight_decay),
                     "mtlcore.adam_: weight_decay must be finite and >= 0, got ", o.weight_decay);
+}
+
+// A tensor updated in place must not share memory with any other tensor of the call: another
+// list's tensor, or another index of its own list (one parameter passed twice, overlapping
+// slices of one buffer). Tensors are grouped by storage, so the usual call, where every tensor
+// has a storage of its own, costs one sort; views of one storage must be provably disjoint.
+void check_no_shared_memory(const char* op, const std::vector<NamedList>& lists) {
+  struct Entry {
+    const void* storage;
+    size_t list;
+    size_t index;
+  };
+  std::vector<Entry> entries;
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (size_t i = 0; i < lists[l].tensors.size(); ++i) {
+      const at::Tensor& t = lists[l].tensors[i];
+      if (t.numel() > 0) entries.push_back({t.storage().unsafeGetStorageImpl(), l, i});
+    }
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return std::less<const void*>()(a.storage, b.storage);
+  });
+  for (size_t first = 0; first < entries.size();) {
+    size_t last = first + 1;
+    while (last < entries.size() && entries[last].storage == entries[first].storage) ++last;
+    for (size_t a = first; a < last; ++a) {
+      for (size_t b = a + 1; b < last; ++b) {
+        const Entry& x = entries[a];
+        const Entry& y = entries[b];
+        if (!lists[x.list].mutated && !lists[y.list].mutated) continue;
+        const auto status =
+            at::get_overlap_status(lists[x.list].tensors[x.index], lists[y.list].tensors[y.index]);
+        TORCH_CHECK_VALUE(status == at::MemOverlapStatus::No, op, ": ", lists[x.list].name, "[",
+                          x.index, "] and ", lists[y.list].name, "[", y.index,
+                          "] share memory; each must be its own tensor");
+      }
+    }
+    first = last;
+  }
 }
 
 void check_tensor_lists(const char* op, const std::vector<NamedList>& lists,
@@ -71,21 +112,8 @@ void check_tensor_lists(const char* op, const std::vector<NamedList>& lists,
                           "updated in place");
       }
     }
-    // A tensor updated in place must not share memory with another list's tensor.
-    for (size_t a = 0; a < lists.size(); ++a) {
-      for (size_t b = a + 1; b < lists.size(); ++b) {
-        if (!lists[a].mutated && !lists[b].mutated) continue;
-        const at::Tensor& x = lists[a].tensors[i];
-        const at::Tensor& y = lists[b].tensors[i];
-        if (x.numel() == 0 || y.numel() == 0 || !x.storage().is_alias_of(y.storage())) continue;
-        // Views of one storage: allowed only when provably disjoint.
-        const auto status = at::get_overlap_status(x, y);
-        TORCH_CHECK_VALUE(status == at::MemOverlapStatus::No, op, ": ", lists[a].name, "[", i,
-                          "] and ", lists[b].name, "[", i,
-                          "] share memory; each must be its own tensor");
-      }
-    }
   }
+  check_no_shared_memory(op, lists);
 }
 
 void check_scaler_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,

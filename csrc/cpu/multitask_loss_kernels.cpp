@@ -401,10 +401,14 @@ MTLCORE_INLINE void element_loss(A x, A y, A* loss, A* grad) {
     *loss = std::abs(d);
     *grad = d > A(0) ? A(1) : (d < A(0) ? A(-1) : d * A(0));  // 0 at 0, NaN for NaN
   } else {
-    // max(x, 0) - x y + log(1 + exp(-|x|)); d/dx = sigmoid(x) - y.
+    // max(x, 0) - x y + log(1 + exp(-|x|)); d/dx = sigmoid(x) - y. An infinite x gives what
+    // F.binary_cross_entropy_with_logits's (1 - y) x + softplus(-x) gives: (1 - y) x for +inf,
+    // NaN for -inf.
     const A e = exp_math(-std::abs(x));
     const A u = A(1) + e;
-    *loss = (x > A(0) ? x : A(0)) - x * y + log1p_math(e);
+    const A finite_loss = (x > A(0) ? x : A(0)) - x * y + log1p_math(e);
+    const A inf_loss = x > A(0) ? (A(1) - y) * x : std::numeric_limits<A>::quiet_NaN();
+    *loss = std::abs(x) == std::numeric_limits<A>::infinity() ? inf_loss : finite_loss;
     *grad = (x >= A(0) ? A(1) : e) / u - y;
   }
 }

@@ -208,6 +208,11 @@ MTLCORE_HD Acc elementwise_loss(Acc x, Acc y, Acc* grad) {
     const Acc e = math_exp(-math_abs(x));
     const Acc sigmoid = x >= Acc(0) ? Acc(1) / (Acc(1) + e) : e / (Acc(1) + e);
     *grad = sigmoid - y;
+    // An infinite x gives what F.binary_cross_entropy_with_logits gives: (1 - y) x for +inf,
+    // NaN for -inf.
+    if (math_abs(x) == std::numeric_limits<Acc>::infinity()) {
+      return x > Acc(0) ? (Acc(1) - y) * x : std::numeric_limits<Acc>::quiet_NaN();
+    }
     return (x > Acc(0) ? x : Acc(0)) - x * y + math_log1p(e);
   } else if constexpr (K == LossKind::kMse) {
     const Acc d = x - y;

@@ -67,9 +67,12 @@ def _train(args: argparse.Namespace) -> int:
 
     samples_ok = args.samples is None or args.samples >= 4
     bad = args.epochs < 1 or args.batch_size < 1 or not samples_ok or args.lr <= 0
+    bad = bad or (args.resume and args.out is None)
     return _guarded(
         "train",
-        "--epochs and --batch-size must be >= 1, --samples >= 4, --lr > 0" if bad else None,
+        "--epochs and --batch-size must be >= 1, --samples >= 4, --lr > 0; --resume needs --out"
+        if bad
+        else None,
         lambda: train_job(
             data=args.data,
             data_dir=args.data_dir,
@@ -86,6 +89,7 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             out_dir=args.out,
             progress=False if args.no_progress else None,
+            resume=args.resume,
         ),
     )
 
@@ -173,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time a training step against the same model in plain PyTorch",
     )
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt when it exists (after a crash or a kill)",
+    )
     train.set_defaults(func=_train)
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint written by train")
     evaluate.add_argument("--checkpoint", required=True)

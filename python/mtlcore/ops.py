@@ -26,6 +26,24 @@ def as_float(name: str, value: float | Tensor) -> float:
     return float(value)
 
 
+def raise_for_layout(op: str, error: NotImplementedError, **named: object) -> None:
+    """Called when the dispatcher found no kernel for an op's arguments: raises a ValueError
+    naming the argument that is not a dense (strided) tensor, such as a sparse one, if there is
+    one; otherwise returns (the caller re-raises the dispatcher's error)."""
+    for name, value in named.items():
+        items = (
+            [(f"{name}[{i}]", t) for i, t in enumerate(value)]
+            if isinstance(value, (list, tuple))
+            else [(name, value)]
+        )
+        for label, t in items:
+            if isinstance(t, Tensor) and t.layout != torch.strided:
+                raise ValueError(
+                    f"mtlcore.{op}: {label} has layout {t.layout}; only dense (strided) tensors "
+                    "are supported"
+                ) from error
+
+
 def _no_tensors(op: str, **lists: Sequence[Tensor]) -> bool:
     """True for a call with no parameters (nothing to do; the dispatcher needs a tensor to pick
     a device). Other lists must then be empty too."""
@@ -76,20 +94,25 @@ def sgd_(
     """
     if _no_tensors("sgd_", params=params, grads=grads, momentum_buffers=momentum_buffers):
         return
-    torch.ops.mtlcore.sgd_(
-        list(params),
-        list(grads),
-        list(momentum_buffers),
-        lr=as_float("lr", lr),
-        momentum=float(momentum),
-        dampening=float(dampening),
-        weight_decay=float(weight_decay),
-        nesterov=bool(nesterov),
-        maximize=bool(maximize),
-        is_first_step=bool(is_first_step),
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+    params, grads, momentum_buffers = list(params), list(grads), list(momentum_buffers)
+    try:
+        torch.ops.mtlcore.sgd_(
+            params,
+            grads,
+            momentum_buffers,
+            lr=as_float("lr", lr),
+            momentum=float(momentum),
+            dampening=float(dampening),
+            weight_decay=float(weight_decay),
+            nesterov=bool(nesterov),
+            maximize=bool(maximize),
+            is_first_step=bool(is_first_step),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+    except NotImplementedError as e:
+        raise_for_layout("sgd_", e, params=params, grads=grads, momentum_buffers=momentum_buffers)
+        raise
 
 
 @torch.library.register_fake("mtlcore::sgd_")
@@ -149,24 +172,31 @@ def adam_(
         state_steps=state_steps,
     ):
         return
-    torch.ops.mtlcore.adam_(
-        list(params),
-        list(grads),
-        list(exp_avgs),
-        list(exp_avg_sqs),
-        list(max_exp_avg_sqs),
-        list(state_steps),
-        lr=as_float("lr", lr),
-        beta1=as_float("beta1", beta1),
-        beta2=as_float("beta2", beta2),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        amsgrad=bool(amsgrad),
-        maximize=bool(maximize),
-        decoupled_weight_decay=bool(decoupled_weight_decay),
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+    lists = {
+        "params": list(params),
+        "grads": list(grads),
+        "exp_avgs": list(exp_avgs),
+        "exp_avg_sqs": list(exp_avg_sqs),
+        "max_exp_avg_sqs": list(max_exp_avg_sqs),
+        "state_steps": list(state_steps),
+    }
+    try:
+        torch.ops.mtlcore.adam_(
+            *lists.values(),
+            lr=as_float("lr", lr),
+            beta1=as_float("beta1", beta1),
+            beta2=as_float("beta2", beta2),
+            eps=float(eps),
+            weight_decay=float(weight_decay),
+            amsgrad=bool(amsgrad),
+            maximize=bool(maximize),
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+    except NotImplementedError as e:
+        raise_for_layout("adam_", e, **lists)
+        raise
 
 
 @torch.library.register_fake("mtlcore::adam_")
@@ -229,7 +259,12 @@ def conv_padding(
             total = d * (k - 1)
             out += [total // 2, total - total // 2]
         return out
-    ph, pw = _pair(padding)
+    pair = _pair(padding)
+    if len(pair) != 2:
+        raise ValueError(
+            f"mtlcore.conv2d_act: padding must be an int, a pair, 'valid' or 'same', got {padding}"
+        )
+    ph, pw = pair
     return [int(ph), int(ph), int(pw), int(pw)]
 
 
@@ -288,9 +323,13 @@ def conv2d_act(
     wants_grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    if wants_grad and needs_preactivation(activation, slope):
-        return torch.ops.mtlcore.conv2d_act_with_preact(*args, slope)[0]
-    return torch.ops.mtlcore.conv2d_act(*args, slope)
+    try:
+        if wants_grad and needs_preactivation(activation, slope):
+            return torch.ops.mtlcore.conv2d_act_with_preact(*args, slope)[0]
+        return torch.ops.mtlcore.conv2d_act(*args, slope)
+    except NotImplementedError as e:
+        raise_for_layout("conv2d_act", e, input=input, weight=weight, bias=bias)
+        raise
 
 
 def _conv_output_shape(input: Tensor, weight: Tensor, stride, padding, dilation) -> list:
@@ -443,15 +482,27 @@ def multitask_loss(
         )
     if len(logits) == 0:
         raise ValueError("mtlcore.multitask_loss: needs at least one task")
+    for name, items in (("logits", logits), ("targets", targets)):
+        for i, t in enumerate(items):
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"mtlcore.multitask_loss: {name}[{i}] must be a Tensor, got {type(t).__name__}"
+                )
     dtypes = {x.dtype for x in logits}
     if len(dtypes) > 1 and all(d.is_floating_point for d in dtypes):
         common = logits[0].dtype
         for x in logits[1:]:
             common = torch.promote_types(common, x.dtype)
         logits = [x.to(common) for x in logits]
-    return torch.ops.mtlcore.multitask_loss(
-        logits, targets, kinds, weights, relation, int(ignore_index), float(label_smoothing)
-    )
+    try:
+        return torch.ops.mtlcore.multitask_loss(
+            logits, targets, kinds, weights, relation, int(ignore_index), float(label_smoothing)
+        )
+    except NotImplementedError as e:
+        raise_for_layout(
+            "multitask_loss", e, logits=logits, targets=targets, weights=weights, relation=relation
+        )
+        raise
 
 
 def _loss_dtype(logits: Sequence[Tensor]) -> torch.dtype:

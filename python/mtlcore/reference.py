@@ -162,7 +162,9 @@ def task_loss(
         safe = torch.where(valid, target, torch.zeros_like(target))
         logp = torch.log_softmax(x, dim=1)
         nll = -logp.gather(1, safe.unsqueeze(1)).squeeze(1)
-        loss = (1.0 - label_smoothing) * nll + label_smoothing * -logp.mean(dim=1)
+        loss = nll
+        if label_smoothing != 0:  # (a -inf logit makes the smoothing term inf, as in F.)
+            loss = (1.0 - label_smoothing) * nll + label_smoothing * -logp.mean(dim=1)
     elif kind in ("bce", "mse", "l1"):
         valid = ~torch.isnan(target)
         y = torch.where(valid, target.to(math), torch.zeros((), dtype=math, device=x.device))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import distributed as dist
@@ -104,11 +105,23 @@ def _fit(
         "samples": args["samples"],
         "seed": args["seed"],
     }
+    checkpoint = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
+    if args.get("resume") and checkpoint is not None and checkpoint.exists():
+        config = trainer.config
+        trainer.resume(checkpoint)
+        if trainer.config != config:
+            raise ValueError(
+                f"{checkpoint} was written by a run with other data arguments "
+                f"({trainer.config}), not {config}"
+            )
+        log(f"  resumed from {checkpoint} (epoch {trainer.epoch})")
+    first = trainer.epoch + 1
     start = time.perf_counter()
-    for epoch in range(1, args["epochs"] + 1):
+    for epoch in range(first, args["epochs"] + 1):
         row = trainer.fit(train, epochs=epoch)[-1]
         log(f"  epoch {epoch}: train loss {row['train_loss/total']:.4f}")
-    images_per_s = args["epochs"] * len(train) / (time.perf_counter() - start)
+    trained = max(args["epochs"] - first + 1, 0) * len(train)
+    images_per_s = trained / max(time.perf_counter() - start, 1e-9)
     return trainer.evaluate(test), images_per_s
 
 
@@ -173,10 +186,13 @@ def train_job(
     weighting: str | None = None,
     weighting_on: str = "representation",
     progress: bool | None = None,
+    resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
     """Trains and evaluates; returns ``{task: {metric: value}}`` on the test split (plus
-    ``multitask_gain`` with ``baselines``)."""
+    ``multitask_gain`` with ``baselines``). With ``resume`` and ``out_dir``, the multi-task
+    model continues from ``out_dir/checkpoint.pt`` when it exists (a run that was stopped or
+    killed ends with the parameters an uninterrupted one reaches)."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     device, log = _setup_distributed(device, log)
@@ -195,6 +211,7 @@ def train_job(
         "device": device,
         "seed": seed,
         "progress": progress,
+        "resume": resume,
     }
     log(
         f"{type(train).__name__}: {len(train)} train / {len(test)} test images; tasks: "
@@ -281,7 +298,6 @@ def affinity_job(
     prints the matrix, the best grouping into ``num_groups`` groups and the measuring overhead;
     writes ``affinity.json`` and (with matplotlib) ``affinity.png`` to ``out_dir``."""
     import json
-    from pathlib import Path
 
     from mtlcore.relations import group_tasks
 

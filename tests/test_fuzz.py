@@ -1,0 +1,477 @@
+"""Property-based fuzzing of every op against mtlcore.reference (hypothesis).
+
+Hypothesis draws the structure of each case (shapes, strides, hyperparameters, where the
+extreme values go); the tensor values come from a seeded torch generator, so a failing case
+shrinks to a small, readable example and replays exactly.
+
+Profiles (chosen with HYPOTHESIS_PROFILE, registered in conftest.py): ``ci`` (default: fixed
+seed, bounded number of examples, part of ``make test``) and ``long`` (``make fuzz``: random
+seed, many more examples).
+
+What is checked:
+- conv2d_act: output and input/weight/bias gradients vs act(F.conv2d(...)) in float64; float32
+  within a bound scaled by sum |x| |w| of each output; NaN/Inf inputs give NaN/Inf exactly
+  where the functional does; geometry the functional rejects is rejected too.
+- multitask_loss: total, per_task and the gradients of logits, weights and relation vs the
+  reference in float64; ±1e30, subnormal, NaN and Inf logits; ignored / missing labels, empty
+  batches, one class, huge class counts, non-contiguous views.
+- sgd_ / adam_: updated tensors vs the reference for random hyperparameters and lists,
+  including empty tensors, non-contiguous parameters, NaN/Inf gradients and skipped steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, note
+from hypothesis import strategies as st
+
+from mtlcore import ops, reference
+
+SPECIALS = {
+    "nan": math.nan,
+    "inf": math.inf,
+    "-inf": -math.inf,
+    "huge": 1e30,
+    "-huge": -1e30,
+    "subnormal": 1e-310,  # float64 subnormal; float32 flushes to 0 / keeps 1e-40 below
+    "subnormal32": 1e-40,
+    "zero": 0.0,
+}
+
+
+def values(shape, dtype, seed: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def inject(t: torch.Tensor, specials: list[tuple[float, str]]) -> torch.Tensor:
+    """Writes each (position fraction, name) special value into the flattened ``t``."""
+    if t.numel() == 0:
+        return t
+    flat = t.reshape(-1)
+    for frac, name in specials:
+        flat[min(int(frac * t.numel()), t.numel() - 1)] = SPECIALS[name]
+    return flat.view(t.shape)
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as ``t`` in another memory layout (a view, not a copy, where possible)."""
+    if kind == "contiguous" or t.dim() < 2:
+        return t
+    if kind == "channels_last" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        # every other element of a twice-as-wide buffer along the last dimension
+        big = torch.full((*t.shape[:-1], 2 * t.shape[-1]), math.nan, dtype=t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if kind == "transposed":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t
+
+
+LAYOUTS = st.sampled_from(["contiguous", "channels_last", "strided", "transposed"])
+special_lists = st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from(sorted(SPECIALS))), max_size=3
+)
+
+
+def assert_same_nonfinite(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """NaN where expected is NaN, the same infinities, finite elsewhere."""
+    assert torch.equal(actual.isnan(), expected.isnan()), "NaN positions differ"
+    inf = expected.isinf()
+    assert torch.equal(actual.isinf(), inf), "Inf positions differ"
+    assert torch.equal(actual[inf], expected[inf]), "signs of Inf differ"
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d_act
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.integers(1, 3))
+    case = {
+        "n": draw(st.integers(0, 3)),
+        "c": groups * draw(st.integers(1, 3)),
+        "k": groups * draw(st.integers(1, 3)),
+        "groups": groups,
+        "h": draw(st.integers(1, 9)),
+        "w": draw(st.integers(1, 9)),
+        "r": draw(st.integers(1, 4)),
+        "s": draw(st.integers(1, 4)),
+        "stride": (draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        "dilation": (draw(st.integers(1, 2)), draw(st.integers(1, 2))),
+        "bias": draw(st.booleans()),
+        "activation": draw(st.sampled_from(ops.ACTIVATIONS)),
+        "negative_slope": draw(st.sampled_from([0.01, 0.0, 0.2, 1.0, -0.5, 3.0])),
+        "input_layout": draw(LAYOUTS),
+        "weight_layout": draw(LAYOUTS),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "scale": draw(st.sampled_from([1.0, 1e-3, 30.0, 1e-20])),
+    }
+    padding = draw(st.sampled_from(["int", "pair", "valid", "same"]))
+    if padding == "same":
+        case["stride"] = (1, 1)
+        case["padding"] = "same"
+    elif padding == "valid":
+        case["padding"] = "valid"
+    elif padding == "int":
+        case["padding"] = draw(st.integers(0, 2))
+    else:
+        case["padding"] = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    return case
+
+
+def conv_tensors(case, dtype):
+    x = values((case["n"], case["c"], case["h"], case["w"]), dtype, case["seed"], case["scale"])
+    w = values(
+        (case["k"], case["c"] // case["groups"], case["r"], case["s"]), dtype, case["seed"] + 1, 0.5
+    )
+    b = values((case["k"],), dtype, case["seed"] + 2, 0.5) if case["bias"] else None
+    return x, w, b
+
+
+def conv_args(case):
+    return dict(
+        stride=case["stride"],
+        padding=case["padding"],
+        dilation=case["dilation"],
+        groups=case["groups"],
+        activation=case["activation"],
+        negative_slope=case["negative_slope"],
+    )
+
+
+def conv_reference_or_error(x, w, b, case):
+    try:
+        return reference.conv2d_act(x, w, b, **conv_args(case)), None
+    except RuntimeError as e:
+        return None, e
+
+
+@given(case=conv_cases())
+def test_conv2d_act_float64_matches_reference(case):
+    x, w, b = conv_tensors(case, torch.float64)
+    x = layout(x, case["input_layout"]).requires_grad_()
+    w = layout(w, case["weight_layout"]).requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    expected, error = conv_reference_or_error(x, w, b, case)
+    if error is not None:
+        note(f"F.conv2d rejects it: {error}")
+        with pytest.raises((RuntimeError, ValueError)):
+            ops.conv2d_act(x, w, b, **conv_args(case))
+        return
+    out = ops.conv2d_act(x, w, b, **conv_args(case))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    leaves = [t for t in (x, w, b) if t is not None]
+    gy = values(out.shape, torch.float64, case["seed"] + 3, 1.0)
+    got = torch.autograd.grad(out, leaves, gy, allow_unused=True)
+    want = torch.autograd.grad(expected, leaves, gy, allow_unused=True)
+    for name, g, e in zip(("input", "weight", "bias"), got, want, strict=False):
+        e = torch.zeros_like(leaves[0] if name == "input" else e) if e is None else e
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@given(case=conv_cases(), specials=special_lists)
+def test_conv2d_act_float32_within_bound_and_nonfinite_propagate(case, specials):
+    x, w, b = conv_tensors(case, torch.float32)
+    x = inject(x, specials)
+    x = layout(x, case["input_layout"])
+    w = layout(w, case["weight_layout"])
+    x64, w64 = x.double(), w.double()
+    b64 = b.double() if b is not None else None
+    expected, error = conv_reference_or_error(x64, w64, b64, case)
+    if error is not None:
+        with pytest.raises((RuntimeError, ValueError)):
+            ops.conv2d_act(x, w, b, **conv_args(case))
+        return
+    out = ops.conv2d_act(x, w, b, **conv_args(case))
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    # The float64 result rounded to float32 is where it may overflow to Inf (1e30 * w).
+    expected32 = expected.float()
+    assert_same_nonfinite(out, expected32)
+    # Error bound: the sum may lose ~ K eps sum |x| |w| (activations are 1-Lipschitz up to
+    # max(1, |slope|)), and the float32 activation itself a few ulp of its result.
+    ab = F.conv2d(
+        x64.abs().nan_to_num(posinf=0.0),
+        w64.abs(),
+        None if b64 is None else b64.abs(),
+        case["stride"],
+        case["padding"],
+        case["dilation"],
+        case["groups"],
+    )
+    lipschitz = max(1.0, abs(case["negative_slope"])) * 1.2
+    terms = w.shape[1] * w.shape[2] * w.shape[3] + 1
+    bound = lipschitz * (terms * 2**-22 * ab + 1e-37) + 2**-20 * expected.abs()
+    finite = expected32.isfinite()
+    err = (out.double() - expected)[finite].abs()
+    assert bool((err <= bound[finite]).all()), f"max excess {(err - bound[finite]).max()}"
+
+
+# --------------------------------------------------------------------------------------------
+# multitask_loss
+# --------------------------------------------------------------------------------------------
+
+LOSS_KINDS = ops.LOSS_KINDS
+
+
+@st.composite
+def loss_tasks(draw):
+    batch = draw(st.integers(0, 5))
+    tasks = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(LOSS_KINDS))
+        dense = draw(st.booleans())
+        spatial = (draw(st.integers(1, 4)), draw(st.integers(1, 3))) if dense else ()
+        if kind == "ce":
+            classes = draw(st.sampled_from([1, 2, 3, 7, 33, 100, 3000, 70000]))
+            if classes > 100:
+                spatial = ()  # keep huge class counts to [B, C]
+        else:
+            classes = draw(st.integers(1, 5))
+        tasks.append(
+            {
+                "kind": kind,
+                "shape": (batch, classes, *spatial),
+                "missing": draw(st.floats(0, 1)),
+                "layout": draw(st.sampled_from(["contiguous", "strided", "transposed"])),
+                "specials": draw(special_lists) if draw(st.integers(0, 3)) == 0 else [],
+                "scale": draw(st.sampled_from([1.0, 5.0, 1e-3, 60.0])),
+            }
+        )
+    t = len(tasks)
+    return {
+        "tasks": tasks,
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "weights": draw(st.booleans()),
+        "relation": draw(st.booleans()),
+        "ignore_index": draw(st.sampled_from([-100, 0, 1, -1])),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+        "n": t,
+    }
+
+
+def loss_inputs(case, dtype):
+    g = torch.Generator().manual_seed(case["seed"])
+    logits, targets = [], []
+    for task in case["tasks"]:
+        shape = task["shape"]
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * task["scale"]).to(dtype)
+        x = inject(x, task["specials"])
+        missing = torch.rand(shape[:1] + shape[2:], generator=g) < task["missing"]
+        if task["kind"] == "ce":
+            y = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+            y[missing] = case["ignore_index"]
+        else:
+            y = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+            if task["kind"] != "bce":
+                y = y * 4 - 2
+            y[torch.rand(shape, generator=g) < task["missing"]] = math.nan
+        logits.append(layout(x, task["layout"]))
+        targets.append(y)
+    w = torch.rand(case["n"], generator=g, dtype=torch.float64) * 2 if case["weights"] else None
+    r = torch.randn(case["n"], case["n"], generator=g, dtype=torch.float64) * 0.3
+    r = r if case["relation"] else None
+    if dtype != torch.float64:
+        w = w.float() if w is not None else None
+        r = r.float() if r is not None else None
+    return logits, targets, w, r
+
+
+@given(case=loss_tasks())
+def test_multitask_loss_float64_matches_reference(case):
+    kinds = [t["kind"] for t in case["tasks"]]
+    kw = {"ignore_index": case["ignore_index"], "label_smoothing": case["label_smoothing"]}
+    logits, targets, w, r = loss_inputs(case, torch.float64)
+    nonfinite = any(t["specials"] for t in case["tasks"])
+    leaves = [x.requires_grad_() for x in logits] + [
+        t.requires_grad_() for t in (w, r) if t is not None
+    ]
+    total, per_task = ops.multitask_loss(logits, targets, kinds, w, r, **kw)
+    ref_total, ref_per_task = reference.multitask_loss(logits, targets, kinds, w, r, **kw)
+    if nonfinite:
+        assert_same_nonfinite(per_task.detach(), ref_per_task.detach())
+        assert_same_nonfinite(total.detach().view(1), ref_total.detach().view(1))
+        finite = ref_per_task.isfinite()
+        torch.testing.assert_close(per_task[finite], ref_per_task[finite], rtol=1e-9, atol=1e-12)
+        return
+    torch.testing.assert_close(per_task, ref_per_task, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(total, ref_total, rtol=1e-9, atol=1e-12)
+    # Gradients through total and per_task at once.
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    gp = torch.randn(case["n"], generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((total, per_task), leaves, (torch.tensor(1.5).double(), gp))
+    want = torch.autograd.grad((ref_total, ref_per_task), leaves, (torch.tensor(1.5).double(), gp))
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11, msg=lambda m, i=i: f"leaf {i}: {m}")
+
+
+@given(case=loss_tasks())
+def test_multitask_loss_float32_matches_float64_reference(case):
+    kinds = [t["kind"] for t in case["tasks"]]
+    kw = {"ignore_index": case["ignore_index"], "label_smoothing": case["label_smoothing"]}
+    logits, targets, w, r = loss_inputs(case, torch.float32)
+    total, per_task = ops.multitask_loss(logits, targets, kinds, w, r, **kw)
+    as64 = [x.double() for x in logits]
+    targets64 = [y.double() if y.is_floating_point() else y for y in targets]
+    w64 = w.double() if w is not None else None
+    r64 = r.double() if r is not None else None
+    ref_total, ref_per_task = reference.multitask_loss(as64, targets64, kinds, w64, r64, **kw)
+    assert per_task.dtype == torch.float32
+    ref_per_task32 = ref_per_task.float()
+    assert_same_nonfinite(per_task, ref_per_task32)
+    finite = ref_per_task32.isfinite()
+    torch.testing.assert_close(
+        per_task[finite], ref_per_task32[finite], rtol=2e-5, atol=1e-6, check_dtype=False
+    )
+    if bool(finite.all()) and bool(ref_total.float().isfinite()):
+        scale = 1.0 + float(
+            (ref_per_task.abs() * (1 if w64 is None else w64.abs())).sum()
+            + (
+                0
+                if r64 is None
+                else (r64.abs() * ref_per_task.abs().outer(ref_per_task.abs())).sum()
+            )
+        )
+        assert abs(float(total) - float(ref_total)) <= 1e-5 * scale
+
+
+# --------------------------------------------------------------------------------------------
+# sgd_ / adam_
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def tensor_lists(draw):
+    shapes = draw(
+        st.lists(
+            st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple), min_size=1, max_size=5
+        )
+    )
+    return {
+        "shapes": shapes,
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "strided": draw(st.booleans()),
+        "specials": draw(special_lists) if draw(st.integers(0, 3)) == 0 else [],
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "grad_scale": draw(st.sampled_from([None, 1.0, 1024.0, 0.5])),
+        "found_inf": draw(st.sampled_from([None, 0.0, 1.0])),
+    }
+
+
+def optim_state(case, count: int):
+    """``count`` lists of tensors of case["shapes"] (params first), clones for the reference."""
+    lists = []
+    for j in range(count):
+        one = []
+        for i, shape in enumerate(case["shapes"]):
+            t = values(shape, case["dtype"], case["seed"] + 101 * i + j, 1.0)
+            if j == 3:  # exp_avg_sq and max_exp_avg_sq: non-negative
+                t = t.abs()
+            if j == 1:
+                t = inject(t, case["specials"])
+            if case["strided"] and j == 0:
+                t = layout(t, "strided")
+            one.append(t)
+        lists.append(one)
+    clones = [[t.clone() for t in one] for one in lists]
+    return lists, clones
+
+
+def scaler_args(case):
+    def one(v):
+        return None if v is None else torch.tensor([v], dtype=torch.float32)
+
+    return {"grad_scale": one(case["grad_scale"]), "found_inf": one(case["found_inf"])}
+
+
+def assert_lists_equal(got, want, rtol, atol):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(
+            a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, i=i: f"[{i}]: {m}"
+        )
+
+
+def tolerances(dtype):
+    return (1e-12, 1e-14) if dtype == torch.float64 else (2e-6, 1e-7)
+
+
+@given(
+    case=tensor_lists(),
+    lr=st.sampled_from([0.0, 1e-3, 0.1, 1.0]),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    dampening=st.sampled_from([0.0, 0.1, 1.0]),
+    weight_decay=st.sampled_from([0.0, 1e-4, 0.5]),
+    nesterov=st.booleans(),
+    maximize=st.booleans(),
+    is_first_step=st.booleans(),
+)
+def test_sgd_matches_reference(
+    case, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step
+):
+    if nesterov:
+        assume(momentum > 0 and dampening == 0)
+    (params, grads, bufs), (rp, rg, rb) = optim_state(case, 3)
+    kw = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+        is_first_step=is_first_step,
+    )
+    if momentum == 0:
+        bufs, rb = [], []
+    ops.sgd_(params, grads, bufs, **kw, **scaler_args(case))
+    reference.sgd_(rp, rg, rb, **kw, **scaler_args(case))
+    rtol, atol = tolerances(case["dtype"])
+    for got, want in ((params, rp), (grads, rg), (bufs, rb)):
+        assert_lists_equal(got, want, rtol, atol)
+
+
+@given(
+    case=tensor_lists(),
+    lr=st.sampled_from([0.0, 1e-3, 0.1]),
+    beta1=st.sampled_from([0.0, 0.5, 0.9]),
+    beta2=st.sampled_from([0.0, 0.9, 0.999]),
+    eps=st.sampled_from([0.0, 1e-8, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 1e-2]),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    decoupled=st.booleans(),
+    steps=st.lists(st.integers(1, 10000), min_size=1, max_size=5),
+)
+def test_adam_matches_reference(
+    case, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, steps
+):
+    (params, grads, m, v, vmax), (rp, rg, rm, rv, rvmax) = optim_state(case, 5)
+    n = len(params)
+    state_steps = [torch.tensor(float(steps[i % len(steps)])) for i in range(n)]
+    kw = dict(
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled,
+    )
+    if not amsgrad:
+        vmax, rvmax = [], []
+    ops.adam_(params, grads, m, v, vmax, state_steps, **kw, **scaler_args(case))
+    reference.adam_(rp, rg, rm, rv, rvmax, state_steps, **kw, **scaler_args(case))
+    rtol, atol = tolerances(case["dtype"])
+    if eps == 0.0:
+        atol = max(atol, 1e-6)  # m / sqrt(v) with v ~ 0: both sides divide tiny by tiny
+    for got, want in ((params, rp), (grads, rg), (m, rm), (v, rv), (vmax, rvmax)):
+        assert_lists_equal(got, want, rtol, atol)
