@@ -6,8 +6,10 @@
 // (out, preact, grad_input, grad_weight, grad_bias) are new contiguous tensors. grad_output
 // and saved [N, K, OH, OW] are read through their strides. Index mapping: input row
 // ih = oh * stride_h - pad_top + r * dil_h (likewise for columns with pad_left); pad_bottom
-// and pad_right only shape OH and OW. Element offsets are 64-bit; spatial coordinates are
-// 32-bit (padded sizes, strides and dilations are checked to be below 2^30).
+// and pad_right only shape OH and OW. Element offsets, and offsets among a kernel's R x S
+// taps (r * S + s), are 64-bit; spatial coordinates (ih, iw, oh, ow, r, s and the dilated tap
+// offsets) are 32-bit: padded sizes, strides and dilations are checked to be below 2^30, and
+// the dilated kernel fits in the padded input.
 //
 // Parallel split. Three convolutions run as one tiled implicit GEMM (conv2d_act_gemm.cuh), per
 // group g (Cg = C/groups input and Kg = K/groups output channels per group):
@@ -183,9 +185,9 @@ struct ForwardGemm {
   }
   MTLCORE_HD DepthEntry depth_entry(int64_t group, int64_t d) const {
     const int64_t c = d / sh.kernel_area;
-    const int rs = static_cast<int>(d - c * sh.kernel_area);
-    const int r = rs / sh.s;
-    const int s = rs - r * sh.s;
+    const int64_t rs = d - c * sh.kernel_area;
+    const int r = static_cast<int>(rs / sh.s);
+    const int s = static_cast<int>(rs - static_cast<int64_t>(r) * sh.s);
     return {kernel_tap(sh, group * sh.c_per_group + c, r, s), group * m_size * depth_size + d};
   }
   MTLCORE_HD T a_at(int64_t row, const DepthEntry& de) const {
@@ -237,9 +239,9 @@ struct InputGradGemm {
   }
   MTLCORE_HD DepthEntry depth_entry(int64_t group, int64_t d) const {
     const int64_t kk = d / sh.kernel_area;
-    const int rs = static_cast<int>(d - kk * sh.kernel_area);
-    const int r = rs / sh.s;
-    const int s = rs - r * sh.s;
+    const int64_t rs = d - kk * sh.kernel_area;
+    const int r = static_cast<int>(rs / sh.s);
+    const int s = static_cast<int>(rs - static_cast<int64_t>(r) * sh.s);
     const int64_t k = group * sh.k_per_group + kk;
     return {k * sh.output_plane, k * sh.c_per_group * sh.kernel_area + rs, r * sh.dil_h,
             s * sh.dil_w};
@@ -289,9 +291,9 @@ struct WeightGradGemm {
 
   MTLCORE_HD ColEntry col_entry(int64_t group, int64_t col) const {
     const int64_t c = col / sh.kernel_area;
-    const int rs = static_cast<int>(col - c * sh.kernel_area);
-    const int r = rs / sh.s;
-    const int s = rs - r * sh.s;
+    const int64_t rs = col - c * sh.kernel_area;
+    const int r = static_cast<int>(rs / sh.s);
+    const int s = static_cast<int>(rs - static_cast<int64_t>(r) * sh.s);
     return {kernel_tap(sh, group * sh.c_per_group + c, r, s), col};
   }
   MTLCORE_HD DepthEntry depth_entry(int64_t group, int64_t d) const {
@@ -355,7 +357,8 @@ MTLCORE_HD void depthwise_forward_element(const ConvShape& sh, const T* x, const
     for (int s = 0; s < sh.s; ++s) {
       const Acc xv =
           ElementTraits<T>::to_acc(gather_input(x, sh, px, kernel_tap(sh, channel, r, s)));
-      acc = cuda::fused_multiply_add(ElementTraits<T>::to_acc(w[r * sh.s + s]), xv, acc);
+      acc = cuda::fused_multiply_add(
+          ElementTraits<T>::to_acc(w[static_cast<int64_t>(r) * sh.s + s]), xv, acc);
     }
   }
   const Acc z = bias != nullptr ? acc + ElementTraits<T>::to_acc(bias[k]) : acc;
@@ -389,7 +392,7 @@ MTLCORE_HD void depthwise_input_grad_element(const ConvShape& sh, const T* g, co
         const int ow = ow_scaled / sh.stride_w;
         if (ow * sh.stride_w != ow_scaled || ow >= sh.ow) continue;
         acc = cuda::fused_multiply_add(
-            ElementTraits<T>::to_acc(wk[r * sh.s + s]),
+            ElementTraits<T>::to_acc(wk[static_cast<int64_t>(r) * sh.s + s]),
             ElementTraits<T>::to_acc(gk[static_cast<int64_t>(oh) * sh.ow + ow]), acc);
       }
     }
@@ -405,8 +408,9 @@ struct DepthwiseTap {
 
 MTLCORE_HD DepthwiseTap depthwise_tap(const ConvShape& sh, int64_t o) {
   const int64_t k = o / sh.kernel_area;
-  const int rs = static_cast<int>(o - k * sh.kernel_area);
-  return {k, kernel_tap(sh, k / sh.k_per_group, rs / sh.s, rs % sh.s)};
+  const int64_t rs = o - k * sh.kernel_area;
+  return {k, kernel_tap(sh, k / sh.k_per_group, static_cast<int>(rs / sh.s),
+                        static_cast<int>(rs % sh.s))};
 }
 
 // Depthwise grad_weight: the term of pixel j = (n, oh, ow) in the sum of weight element `dt`.
@@ -578,10 +582,18 @@ ConvShape make_conv_shape(const char* op, const Conv2dParams& p, const at::Tenso
   constexpr int64_t kMaxCoordinate = int64_t{1} << 30;
   const int64_t padded_h = p.h + p.pad_top + p.pad_bottom;
   const int64_t padded_w = p.w + p.pad_left + p.pad_right;
-  TORCH_CHECK_VALUE(padded_h < kMaxCoordinate && padded_w < kMaxCoordinate &&
-                        p.stride_h < kMaxCoordinate && p.stride_w < kMaxCoordinate &&
-                        p.dil_h < kMaxCoordinate && p.dil_w < kMaxCoordinate,
-                    op, ": the CUDA kernel needs padded sizes, strides and dilations below 2^30");
+  // Coordinates are 32-bit in the kernels (see the header comment). The kernel's R and S need
+  // no check of their own: the argument checks keep the dilated kernel within the padded input.
+  TORCH_CHECK_VALUE(padded_h < kMaxCoordinate && padded_w < kMaxCoordinate, op,
+                    ": the CUDA kernel needs the input's height and width plus padding below "
+                    "2^30, got ",
+                    padded_h, "x", padded_w, " (input ", p.h, "x", p.w, ")");
+  TORCH_CHECK_VALUE(p.stride_h < kMaxCoordinate && p.stride_w < kMaxCoordinate, op,
+                    ": the CUDA kernel needs stride below 2^30, got (", p.stride_h, ", ",
+                    p.stride_w, ")");
+  TORCH_CHECK_VALUE(p.dil_h < kMaxCoordinate && p.dil_w < kMaxCoordinate, op,
+                    ": the CUDA kernel needs dilation below 2^30, got (", p.dil_h, ", ", p.dil_w,
+                    ")");
   ConvShape sh{};
   sh.n = p.n;
   sh.c = p.c;
@@ -638,7 +650,8 @@ RangeSplit plan_depth_split(int64_t tiles, int64_t groups, int64_t depth, int64_
   constexpr int64_t kMinTilesPerSplit = 8;
   int64_t splits = ceil_div(kTargetBlocks, tiles);
   splits = std::min(splits, ceil_div(depth, kMinTilesPerSplit * bk));
-  splits = std::min(splits, 65535 / groups);  // gridDim.z = groups * splits
+  // gridDim.z = groups * splits: with more groups than that, one split and several launches.
+  splits = std::min(splits, 65535 / groups);
   splits = std::max<int64_t>(splits, 1);
   const int64_t chunk = ceil_div(ceil_div(depth, splits), bk) * bk;
   return {ceil_div(depth, chunk), chunk};
@@ -791,7 +804,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cuda(
                                          grad_output.stride(3)};
     const OutputView<T> saved_view{data_or_null<T>(saved), saved.stride(0), saved.stride(1),
                                    saved.stride(2), saved.stride(3)};
-    TORCH_CHECK_VALUE(p.k <= INT32_MAX, op, ": too many output channels for the CUDA kernel");
+    TORCH_CHECK_VALUE(p.k <= INT32_MAX, op, ": weight has ", p.k,
+                      " output channels; the CUDA kernel supports at most 2^31 - 1");
     const dim3 first_pass_grid(static_cast<unsigned>(p.k),
                                static_cast<unsigned>(bias_ranges.ranges));
     dispatch_activation(p.activation, [&](auto act_tag) {
@@ -836,7 +850,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cuda(
       const int64_t weight_numel = grad_weight.numel();  // K * Cg * R * S
       if (depthwise) {
         const RangeSplit ranges = plan_ranges(weight_numel, pixels);
-        TORCH_CHECK_VALUE(weight_numel <= INT32_MAX, op, ": weight too large for the CUDA kernel");
+        TORCH_CHECK_VALUE(weight_numel <= INT32_MAX, op, ": weight has ", weight_numel,
+                          " elements; the depthwise CUDA kernel supports at most 2^31 - 1");
         const at::Tensor partial = at::empty({ranges.ranges, weight_numel}, acc_options);
         const dim3 grid(static_cast<unsigned>(weight_numel), static_cast<unsigned>(ranges.ranges));
         depthwise_weight_grad_kernel<T><<<grid, kBlockThreads, 0, stream>>>(

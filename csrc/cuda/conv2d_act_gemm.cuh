@@ -318,12 +318,14 @@ struct SimtTileMath {
 };
 
 // ---------------------------------------------------------------------------------------
-// The kernel: grid (col tiles, row tiles, groups * splits).
+// The kernel: grid (col tiles, row tiles, groups * splits) of one launch, whose first row tile
+// and first group are first_row_tile and first_group (see launch_implicit_gemm).
 // ---------------------------------------------------------------------------------------
 
 template <class Gemm, class Math>
 __global__ void __launch_bounds__(kGemmThreads, kGemmMinBlocksPerSm)
-    implicit_gemm_kernel(const Gemm gemm, int64_t splits, int64_t depth_chunk) {
+    implicit_gemm_kernel(const Gemm gemm, int64_t splits, int64_t depth_chunk,
+                         int64_t first_row_tile, int64_t first_group) {
   using T = typename Gemm::Element;
   using ColEntry = typename Gemm::ColEntry;
   using DepthEntry = typename Gemm::DepthEntry;
@@ -342,8 +344,8 @@ __global__ void __launch_bounds__(kGemmThreads, kGemmMinBlocksPerSm)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kBM;
-  const int64_t group = static_cast<int64_t>(blockIdx.z) / splits;
+  const int64_t row0 = (first_row_tile + blockIdx.y) * kBM;
+  const int64_t group = first_group + blockIdx.z / splits;
   const int64_t split = static_cast<int64_t>(blockIdx.z) % splits;
   const int64_t depth_begin = split * depth_chunk;
   const int64_t depth_end = min(gemm.depth_size, depth_begin + depth_chunk);
@@ -442,21 +444,33 @@ __global__ void __launch_bounds__(kGemmThreads, kGemmMinBlocksPerSm)
 }
 
 // Launches the kernel for `groups` groups, each with its depth cut into `splits` ranges of
-// depth_chunk (a multiple of Math::kBK; every range non-empty). `op` names the op in errors.
+// depth_chunk (a multiple of Math::kBK; every range non-empty). gridDim.y and gridDim.z are at
+// most 65535, so a problem with more row tiles, or more groups * splits, than that is covered by
+// several launches, each over a contiguous range of row tiles and of groups (every output
+// element is still computed by exactly one block, in the same order). `op` names the op in
+// errors.
 template <class Math, class Gemm>
 void launch_implicit_gemm(const char* op, const Gemm& gemm, int64_t groups, int64_t splits,
                           int64_t depth_chunk, cudaStream_t stream) {
+  constexpr int64_t kMaxGridYZ = 65535;
   if (gemm.m_size == 0 || gemm.col_size == 0 || groups == 0) return;
   const int64_t col_tiles = ceil_div(gemm.col_size, Math::kBN);
   const int64_t row_tiles = ceil_div(gemm.m_size, Math::kBM);
-  TORCH_CHECK_VALUE(col_tiles <= INT32_MAX && row_tiles <= 65535 && groups * splits <= 65535, op,
-                    ": problem too large for the CUDA kernel's grid (", col_tiles,
-                    " column tiles, ", row_tiles, " row tiles, ", groups, " groups x ", splits,
-                    " depth splits)");
-  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles),
-                  static_cast<unsigned>(groups * splits));
-  implicit_gemm_kernel<Gemm, Math><<<grid, kGemmThreads, 0, stream>>>(gemm, splits, depth_chunk);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK_VALUE(col_tiles <= INT32_MAX, op, ": problem too large for the CUDA kernel (",
+                    gemm.col_size, " GEMM columns, at most ", int64_t{INT32_MAX} * Math::kBN, ")");
+  TORCH_INTERNAL_ASSERT(splits >= 1 && splits <= kMaxGridYZ, op, ": bad depth split ", splits);
+  const int64_t groups_per_launch = kMaxGridYZ / splits;
+  for (int64_t g0 = 0; g0 < groups; g0 += groups_per_launch) {
+    const int64_t launch_groups = std::min(groups_per_launch, groups - g0);
+    for (int64_t r0 = 0; r0 < row_tiles; r0 += kMaxGridYZ) {
+      const dim3 grid(static_cast<unsigned>(col_tiles),
+                      static_cast<unsigned>(std::min(kMaxGridYZ, row_tiles - r0)),
+                      static_cast<unsigned>(launch_groups * splits));
+      implicit_gemm_kernel<Gemm, Math>
+          <<<grid, kGemmThreads, 0, stream>>>(gemm, splits, depth_chunk, r0, g0);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
 }
 
 }  // namespace mtlcore::cuda
