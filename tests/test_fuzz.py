@@ -26,6 +26,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
@@ -58,15 +59,21 @@ def inject(t: torch.Tensor, specials: list[tuple[float, str]]) -> torch.Tensor:
     return flat.view(t.shape)
 
 
-def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """The same values as ``t`` in another memory layout (a view, not a copy, where possible)."""
+def layout(t: torch.Tensor, kind: str, device: str = "cpu") -> torch.Tensor:
+    """A copy of ``t`` on ``device`` in the memory layout ``kind``."""
+    t = t.to(device, copy=True)
+    if kind == "misaligned":
+        # contiguous, but one element past an aligned address (no aligned vector loads)
+        out = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+        return out.copy_(t)
     if kind == "contiguous" or t.dim() < 2:
         return t
     if kind == "channels_last" and t.dim() == 4:
         return t.contiguous(memory_format=torch.channels_last)
     if kind == "strided":
         # every other element of a twice-as-wide buffer along the last dimension
-        big = torch.full((*t.shape[:-1], 2 * t.shape[-1]), math.nan, dtype=t.dtype)
+        shape = (*t.shape[:-1], 2 * t.shape[-1])
+        big = torch.full(shape, math.nan, dtype=t.dtype, device=t.device)
         big[..., ::2] = t
         return big[..., ::2]
     if kind == "transposed":
@@ -74,7 +81,11 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
     return t
 
 
-LAYOUTS = st.sampled_from(["contiguous", "channels_last", "strided", "transposed"])
+def leaves_of(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    return [t.requires_grad_() for t in tensors if t is not None]
+
+
+LAYOUTS = st.sampled_from(["contiguous", "channels_last", "strided", "transposed", "misaligned"])
 special_lists = st.lists(
     st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from(sorted(SPECIALS))), max_size=3
 )
@@ -155,44 +166,49 @@ def conv_reference_or_error(x, w, b, case):
         return None, e
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(case=conv_cases())
-def test_conv2d_act_float64_matches_reference(case):
+def test_conv2d_act_float64_matches_reference(device, case):
     x, w, b = conv_tensors(case, torch.float64)
-    x = layout(x, case["input_layout"]).requires_grad_()
-    w = layout(w, case["weight_layout"]).requires_grad_()
-    if b is not None:
-        b.requires_grad_()
+    xd = layout(x, case["input_layout"], device)
+    wd = layout(w, case["weight_layout"], device)
+    bd = None if b is None else b.to(device, copy=True)
+    leaves, dleaves = leaves_of(x, w, b), leaves_of(xd, wd, bd)
     expected, error = conv_reference_or_error(x, w, b, case)
     if error is not None:
         note(f"F.conv2d rejects it: {error}")
         with pytest.raises((RuntimeError, ValueError)):
-            ops.conv2d_act(x, w, b, **conv_args(case))
+            ops.conv2d_act(xd, wd, bd, **conv_args(case))
         return
-    out = ops.conv2d_act(x, w, b, **conv_args(case))
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
-    leaves = [t for t in (x, w, b) if t is not None]
+    out = ops.conv2d_act(xd, wd, bd, **conv_args(case))
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-10, atol=1e-12)
     gy = values(out.shape, torch.float64, case["seed"] + 3, 1.0)
-    got = torch.autograd.grad(out, leaves, gy, allow_unused=True)
-    want = torch.autograd.grad(expected, leaves, gy, allow_unused=True)
+    got = torch.autograd.grad(out, dleaves, gy.to(device))
+    want = torch.autograd.grad(expected, leaves, gy)
     for name, g, e in zip(("input", "weight", "bias"), got, want, strict=False):
-        e = torch.zeros_like(leaves[0] if name == "input" else e) if e is None else e
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            g.cpu(), e, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(case=conv_cases(), specials=special_lists)
-def test_conv2d_act_float32_within_bound_and_nonfinite_propagate(case, specials):
+def test_conv2d_act_float32_within_bound_and_nonfinite_propagate(device, case, specials):
     x, w, b = conv_tensors(case, torch.float32)
     x = inject(x, specials)
-    x = layout(x, case["input_layout"])
-    w = layout(w, case["weight_layout"])
+    xd = layout(x, case["input_layout"], device)
+    wd = layout(w, case["weight_layout"], device)
+    bd = None if b is None else b.to(device)
     x64, w64 = x.double(), w.double()
     b64 = b.double() if b is not None else None
     expected, error = conv_reference_or_error(x64, w64, b64, case)
-    if error is not None:
-        with pytest.raises((RuntimeError, ValueError)):
-            ops.conv2d_act(x, w, b, **conv_args(case))
-        return
-    out = ops.conv2d_act(x, w, b, **conv_args(case))
+    # CUDA: full float32 products (no TF32), the precision this bound is written for.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        if error is not None:
+            with pytest.raises((RuntimeError, ValueError)):
+                ops.conv2d_act(xd, wd, bd, **conv_args(case))
+            return
+        out = ops.conv2d_act(xd, wd, bd, **conv_args(case)).cpu()
     assert out.dtype == torch.float32 and out.shape == expected.shape
     # The float64 result rounded to float32 is where it may overflow to Inf (1e30 * w).
     expected32 = expected.float()
@@ -242,7 +258,9 @@ def loss_tasks(draw):
                 "kind": kind,
                 "shape": (batch, classes, *spatial),
                 "missing": draw(st.floats(0, 1)),
-                "layout": draw(st.sampled_from(["contiguous", "strided", "transposed"])),
+                "layout": draw(
+                    st.sampled_from(["contiguous", "strided", "transposed", "misaligned"])
+                ),
                 "specials": draw(special_lists) if draw(st.integers(0, 3)) == 0 else [],
                 "scale": draw(st.sampled_from([1.0, 5.0, 1e-3, 60.0])),
             }
@@ -275,7 +293,7 @@ def loss_inputs(case, dtype):
             if task["kind"] != "bce":
                 y = y * 4 - 2
             y[torch.rand(shape, generator=g) < task["missing"]] = math.nan
-        logits.append(layout(x, task["layout"]))
+        logits.append(x)
         targets.append(y)
     w = torch.rand(case["n"], generator=g, dtype=torch.float64) * 2 if case["weights"] else None
     r = torch.randn(case["n"], case["n"], generator=g, dtype=torch.float64) * 0.3
@@ -286,17 +304,27 @@ def loss_inputs(case, dtype):
     return logits, targets, w, r
 
 
+def on_device(case, logits, targets, w, r, device):
+    """Copies of loss_inputs' tensors on ``device``, the logits in each task's layout."""
+    logits = [layout(x, t["layout"], device) for x, t in zip(logits, case["tasks"], strict=True)]
+    targets = [y.to(device, copy=True) for y in targets]
+    w = None if w is None else w.to(device, copy=True)
+    r = None if r is None else r.to(device, copy=True)
+    return logits, targets, w, r
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @given(case=loss_tasks())
-def test_multitask_loss_float64_matches_reference(case):
+def test_multitask_loss_float64_matches_reference(device, case):
     kinds = [t["kind"] for t in case["tasks"]]
     kw = {"ignore_index": case["ignore_index"], "label_smoothing": case["label_smoothing"]}
     logits, targets, w, r = loss_inputs(case, torch.float64)
+    dlogits, dtargets, dw, dr = on_device(case, logits, targets, w, r, device)
     nonfinite = any(t["specials"] for t in case["tasks"])
-    leaves = [x.requires_grad_() for x in logits] + [
-        t.requires_grad_() for t in (w, r) if t is not None
-    ]
-    total, per_task = ops.multitask_loss(logits, targets, kinds, w, r, **kw)
+    leaves, dleaves = leaves_of(*logits, w, r), leaves_of(*dlogits, dw, dr)
+    total, per_task = ops.multitask_loss(dlogits, dtargets, kinds, dw, dr, **kw)
     ref_total, ref_per_task = reference.multitask_loss(logits, targets, kinds, w, r, **kw)
+    total, per_task = total.cpu(), per_task.cpu()
     if nonfinite:
         assert_same_nonfinite(per_task.detach(), ref_per_task.detach())
         assert_same_nonfinite(total.detach().view(1), ref_total.detach().view(1))
@@ -308,18 +336,23 @@ def test_multitask_loss_float64_matches_reference(case):
     # Gradients through total and per_task at once.
     g = torch.Generator().manual_seed(case["seed"] + 1)
     gp = torch.randn(case["n"], generator=g, dtype=torch.float64)
-    got = torch.autograd.grad((total, per_task), leaves, (torch.tensor(1.5).double(), gp))
+    got = torch.autograd.grad((total, per_task), dleaves, (torch.tensor(1.5).double(), gp))
     want = torch.autograd.grad((ref_total, ref_per_task), leaves, (torch.tensor(1.5).double(), gp))
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11, msg=lambda m, i=i: f"leaf {i}: {m}")
+        torch.testing.assert_close(
+            a.cpu(), b, rtol=1e-8, atol=1e-11, msg=lambda m, i=i: f"leaf {i}: {m}"
+        )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(case=loss_tasks())
-def test_multitask_loss_float32_matches_float64_reference(case):
+def test_multitask_loss_float32_matches_float64_reference(device, case):
     kinds = [t["kind"] for t in case["tasks"]]
     kw = {"ignore_index": case["ignore_index"], "label_smoothing": case["label_smoothing"]}
     logits, targets, w, r = loss_inputs(case, torch.float32)
-    total, per_task = ops.multitask_loss(logits, targets, kinds, w, r, **kw)
+    dlogits, dtargets, dw, dr = on_device(case, logits, targets, w, r, device)
+    total, per_task = ops.multitask_loss(dlogits, dtargets, kinds, dw, dr, **kw)
+    total, per_task = total.cpu(), per_task.cpu()
     as64 = [x.double() for x in logits]
     targets64 = [y.double() if y.is_floating_point() else y for y in targets]
     w64 = w.double() if w is not None else None
@@ -359,7 +392,7 @@ def tensor_lists(draw):
     return {
         "shapes": shapes,
         "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
-        "strided": draw(st.booleans()),
+        "param_layout": draw(st.sampled_from(["contiguous", "strided", "misaligned"])),
         "specials": draw(special_lists) if draw(st.integers(0, 3)) == 0 else [],
         "seed": draw(st.integers(0, 2**31 - 1)),
         "grad_scale": draw(st.sampled_from([None, 1.0, 1024.0, 0.5])),
@@ -367,28 +400,28 @@ def tensor_lists(draw):
     }
 
 
-def optim_state(case, count: int):
-    """``count`` lists of tensors of case["shapes"] (params first), clones for the reference."""
-    lists = []
+def optim_state(case, count: int, device: str):
+    """``count`` lists of tensors of case["shapes"] (params first, in case["param_layout"]) on
+    ``device``, and contiguous CPU copies for the reference."""
+    lists, clones = [], []
     for j in range(count):
-        one = []
+        one, ref = [], []
         for i, shape in enumerate(case["shapes"]):
             t = values(shape, case["dtype"], case["seed"] + 101 * i + j, 1.0)
             if j == 3:  # exp_avg_sq and max_exp_avg_sq: non-negative
                 t = t.abs()
             if j == 1:
                 t = inject(t, case["specials"])
-            if case["strided"] and j == 0:
-                t = layout(t, "strided")
-            one.append(t)
+            one.append(layout(t, case["param_layout"] if j == 0 else "contiguous", device))
+            ref.append(t)
         lists.append(one)
-    clones = [[t.clone() for t in one] for one in lists]
+        clones.append(ref)
     return lists, clones
 
 
-def scaler_args(case):
+def scaler_args(case, device="cpu"):
     def one(v):
-        return None if v is None else torch.tensor([v], dtype=torch.float32)
+        return None if v is None else torch.tensor([v], dtype=torch.float32, device=device)
 
     return {"grad_scale": one(case["grad_scale"]), "found_inf": one(case["found_inf"])}
 
@@ -396,7 +429,7 @@ def scaler_args(case):
 def assert_lists_equal(got, want, rtol, atol):
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(
-            a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, i=i: f"[{i}]: {m}"
+            a.cpu(), b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, i=i: f"[{i}]: {m}"
         )
 
 
@@ -404,6 +437,7 @@ def tolerances(dtype):
     return (1e-12, 1e-14) if dtype == torch.float64 else (2e-6, 1e-7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(
     case=tensor_lists(),
     lr=st.sampled_from([0.0, 1e-3, 0.1, 1.0]),
@@ -415,11 +449,11 @@ def tolerances(dtype):
     is_first_step=st.booleans(),
 )
 def test_sgd_matches_reference(
-    case, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step
+    device, case, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step
 ):
     if nesterov:
         assume(momentum > 0 and dampening == 0)
-    (params, grads, bufs), (rp, rg, rb) = optim_state(case, 3)
+    (params, grads, bufs), (rp, rg, rb) = optim_state(case, 3, device)
     kw = dict(
         lr=lr,
         momentum=momentum,
@@ -431,13 +465,14 @@ def test_sgd_matches_reference(
     )
     if momentum == 0:
         bufs, rb = [], []
-    ops.sgd_(params, grads, bufs, **kw, **scaler_args(case))
+    ops.sgd_(params, grads, bufs, **kw, **scaler_args(case, device))
     reference.sgd_(rp, rg, rb, **kw, **scaler_args(case))
     rtol, atol = tolerances(case["dtype"])
     for got, want in ((params, rp), (grads, rg), (bufs, rb)):
         assert_lists_equal(got, want, rtol, atol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(
     case=tensor_lists(),
     lr=st.sampled_from([0.0, 1e-3, 0.1]),
@@ -451,11 +486,12 @@ def test_sgd_matches_reference(
     steps=st.lists(st.integers(1, 10000), min_size=1, max_size=5),
 )
 def test_adam_matches_reference(
-    case, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, steps
+    device, case, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, steps
 ):
-    (params, grads, m, v, vmax), (rp, rg, rm, rv, rvmax) = optim_state(case, 5)
+    (params, grads, m, v, vmax), (rp, rg, rm, rv, rvmax) = optim_state(case, 5, device)
     n = len(params)
     state_steps = [torch.tensor(float(steps[i % len(steps)])) for i in range(n)]
+    device_steps = [t.to(device) for t in state_steps]
     kw = dict(
         lr=lr,
         beta1=beta1,
@@ -468,7 +504,7 @@ def test_adam_matches_reference(
     )
     if not amsgrad:
         vmax, rvmax = [], []
-    ops.adam_(params, grads, m, v, vmax, state_steps, **kw, **scaler_args(case))
+    ops.adam_(params, grads, m, v, vmax, device_steps, **kw, **scaler_args(case, device))
     reference.adam_(rp, rg, rm, rv, rvmax, state_steps, **kw, **scaler_args(case))
     rtol, atol = tolerances(case["dtype"])
     if eps == 0.0:

@@ -118,7 +118,13 @@ def test_cli_train_on_shapes(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [["--epochs", "0"], ["--data", "imagenet"], ["--optimizer", "lbfgs"], ["--data", "cifar10"]],
+    [
+        ["--epochs", "0"],
+        ["--data", "imagenet"],
+        ["--optimizer", "lbfgs"],
+        ["--data", "cifar10"],
+        ["--resume"],  # needs --out
+    ],
 )
 def test_cli_train_bad_arguments_exit_2_without_traceback(args):
     """Argument errors: a one-line message, exit code 2."""
