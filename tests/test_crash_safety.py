@@ -108,6 +108,7 @@ def test_sigkill_20_times_then_resume_matches_an_uninterrupted_run(tmp_path):
         # The last complete checkpoint loads, and a kill never moves it backwards.
         epochs_seen.append(epoch_of(out))
         assert epochs_seen[-1] >= epochs_seen[-2], epochs_seen
+    print(f"{kills} kills, {mid_checkpoint} while a checkpoint was written; epochs {epochs_seen}")
     assert kills == KILLS, f"the run completed after {kills} kills (epochs {epochs_seen})"
     assert mid_checkpoint >= KILLS // 3 - 1, "too few kills landed while a checkpoint was written"
 
