@@ -1,5 +1,7 @@
 """Crash safety of training: `python -m mtlcore train --resume` killed with SIGKILL 20 times, at
-random points and on purpose while a checkpoint is being written, then run to the end.
+random points of an epoch (after each process has saved at least once, so every restart resumes
+from a later checkpoint) and on purpose while a checkpoint is being written, then run to the
+end.
 
 After every kill the last complete checkpoint must load; the run that finally completes must
 end with bitwise the parameters, optimizer state and history of an uninterrupted run.
@@ -46,10 +48,22 @@ def temp_files(out: Path) -> list[Path]:
     return sorted(out.glob(".checkpoint.pt.*.tmp")) if out.exists() else []
 
 
-def kill_at_random(proc: subprocess.Popen, rng: random.Random) -> bool:
-    """SIGKILL after a random delay; False if the run ended before."""
+def checkpoint_id(out: Path) -> int | None:
+    """The checkpoint file's inode: each save renames a new file over it."""
     try:
-        proc.wait(timeout=rng.uniform(0.5, 6.0))
+        return (out / "checkpoint.pt").stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def kill_after_a_save(proc: subprocess.Popen, out: Path, rng: random.Random) -> bool:
+    """SIGKILL at a random point of the epoch after this process's first checkpoint (in
+    training, plotting, or writing the next checkpoint); False if the run ended before."""
+    before = checkpoint_id(out)
+    while proc.poll() is None and checkpoint_id(out) == before:
+        time.sleep(0.002)
+    try:
+        proc.wait(timeout=rng.uniform(0.0, 1.0))
         return False
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
@@ -100,14 +114,16 @@ def test_sigkill_20_times_then_resume_matches_an_uninterrupted_run(tmp_path):
     while kills < KILLS:
         proc = start(out)
         on_purpose = kills % 3 == 0
-        killed = kill_mid_checkpoint(proc, out) if on_purpose else kill_at_random(proc, rng)
+        stale = set(temp_files(out))
+        killed = kill_mid_checkpoint(proc, out) if on_purpose else kill_after_a_save(proc, out, rng)
         if not killed:
             break  # the run completed before this kill
         kills += 1
-        mid_checkpoint += bool(on_purpose and temp_files(out))
-        # The last complete checkpoint loads, and a kill never moves it backwards.
+        mid_checkpoint += bool(set(temp_files(out)) - stale)  # a save was cut short
+        # The last complete checkpoint loads; a kill never moves it backwards, and a process
+        # killed after one of its saves leaves that newer checkpoint.
         epochs_seen.append(epoch_of(out))
-        assert epochs_seen[-1] >= epochs_seen[-2], epochs_seen
+        assert epochs_seen[-1] >= epochs_seen[-2] + (0 if on_purpose else 1), epochs_seen
     print(f"{kills} kills, {mid_checkpoint} while a checkpoint was written; epochs {epochs_seen}")
     assert kills == KILLS, f"the run completed after {kills} kills (epochs {epochs_seen})"
     assert mid_checkpoint >= KILLS // 3 - 1, "too few kills landed while a checkpoint was written"
