@@ -29,7 +29,7 @@ namespace mtlcore::cpu {
 
 namespace {
 
-constexpr int64_t kItemElements = 1 << 12;    // logits per work item
+constexpr int64_t kItemElements = 1 << 14;    // logits per work item (the ce block size)
 constexpr int64_t kSerialElements = 1 << 14;  // below this, threads cost more than they save
 
 const MultitaskLossLoops& loops() { MTLCORE_ISA_SELECT(multitask_loss_loops); }

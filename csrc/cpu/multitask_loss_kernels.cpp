@@ -6,11 +6,14 @@
 //   ce, [B, C] rows with C > kTransposeClasses: one row at a time, loops over the classes; the
 //     row's logits are converted once into a buffer of C math values, which then holds
 //     exp(x - max) for the gradient.
-//   ce, dense [B, C, S]: blocks of kPixels pixels; every loop runs over the pixels of a block
-//     (unit stride, so it vectorises) and the classes are the outer loop. exp(x - max) of the
-//     block is kept in a C x kPixels buffer for the gradient.
-//   ce, [B, C] rows with few classes: blocks of kPixels rows are transposed into a class-major
-//     buffer and run through the dense loops; the gradient is transposed back.
+//   ce, dense [B, C, S]: blocks of n pixels (n * C about kBlockElements, so a block's buffer
+//     stays in L2). The block's C strided planes are copied once into a class-major C x n
+//     buffer (finding each pixel's max on the way), so the logits are read from memory once;
+//     every later loop runs over the pixels of the block in the buffer (unit stride, so it
+//     vectorises) with the classes outside, and the buffer then holds exp(x - max) for the
+//     gradient.
+//   ce, [B, C] rows with few classes: blocks of rows are transposed into the same buffer and
+//     run through the same loops; the gradient is computed in the buffer and transposed back.
 //   bce, mse, l1: one loop over the elements of each row.
 // Parallel split. None here: csrc/cpu/multitask_loss.cpp cuts tasks into items and spreads
 //   them over the threads.
@@ -58,13 +61,19 @@ MTLCORE_INLINE float madd(float a, float b, float c) {
 #endif
 }
 
-// exp(x) for every float x: exact 0 below -104 (after gradual underflow), inf above 88.73,
-// NaN for NaN. 2^k is applied as two factors so that results in the subnormal range are
-// rounded once.
+// exp(x) for every float x: exact 0 below -104 (after gradual underflow), inf above 88.75,
+// NaN for NaN. x = k ln2 + r with k = round(x / ln2), found by the 1.5 * 2^23 shift (k ends
+// up in the low mantissa bits, read with integer operations: no float-to-int conversion, which
+// would be undefined out of range); 2^k is applied as two factors so that results in the
+// subnormal range are rounded once. Arguments out of range run through the same arithmetic
+// (their k is meaningless) and are replaced by selects on the result: a clamp of x before the
+// arithmetic makes the compiler evaluate the clamped cases separately and blend them in, which
+// doubles the vector code.
 MTLCORE_INLINE float exp_math(float x) {
-  const float xc = std::min(std::max(x, -104.0f), 88.75f);
-  const float kf = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
+  const float shifted = x * 1.44269504088896341f + kShift;
+  const float kf = shifted - kShift;
+  const float r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = madd(p, r, 1.3981999507e-3f);
   p = madd(p, r, 8.3334519073e-3f);
@@ -72,12 +81,14 @@ MTLCORE_INLINE float exp_math(float x) {
   p = madd(p, r, 1.6666665459e-1f);
   p = madd(p, r, 5.0000001201e-1f);
   const float er = madd(p * r, r, r + 1.0f);
-  const int32_t k = static_cast<int32_t>(kf);  // in [-150, 128]
+  // k in [-150, 128] for x in range.
+  const int32_t k = std::bit_cast<int32_t>(shifted) - std::bit_cast<int32_t>(kShift);
   const int32_t k1 = k >> 1;
   const float s1 = std::bit_cast<float>((k1 + 127) << 23);
   const float s2 = std::bit_cast<float>((k - k1 + 127) << 23);
-  const float y = er * s1 * s2;
-  return x != x ? x : y;
+  const float y = er * s1 * s2;  // NaN for NaN x, which fails both tests below
+  const float y_low = x < -104.0f ? 0.0f : y;
+  return x > 88.75f ? std::numeric_limits<float>::infinity() : y_low;
 }
 
 // log(x) for x >= 1 (our callers: sums that include exp(0) = 1), and x = inf or NaN, which
@@ -138,9 +149,10 @@ MTLCORE_INLINE A load(const T* p, int64_t i) {
   return static_cast<A>(p[i]);
 }
 
-constexpr int64_t kPixels = 256;           // positions per block of the class-major ce loops
-constexpr int64_t kTransposeClasses = 32;  // [B, C] rows with at most this many classes are
-                                           // transposed into class-major blocks
+constexpr int64_t kPixels = 2048;            // most positions per block of the class-major ce loops
+constexpr int64_t kBlockElements = 1 << 14;  // logits per block: the buffer stays in L2
+constexpr int64_t kTransposeClasses = 32;    // [B, C] rows with at most this many classes are
+                                             // transposed into class-major blocks
 
 template <typename A>
 struct CeConstants {
@@ -153,10 +165,12 @@ struct CeConstants {
 // The loss of one position from log(sum_c exp(x_c - m)), the target's x_t - m and
 // sum_c (x_c - m): log_softmax = d - log(s), so every term below is >= 0 (no cancellation, and
 // exactly 0 for one class). Without smoothing the sum is left out, as F.cross_entropy does: a
-// -inf logit elsewhere in the row must not turn 0 * -inf into NaN.
+// -inf logit elsewhere in the row must not turn 0 * -inf into NaN. sum_d is accumulated in
+// double: with thousands of classes and a huge logit its terms are all alike, and a float sum
+// of them drifts by ~ C eps.
 template <typename A>
-MTLCORE_INLINE A ce_loss(A log_s, A d_t, A sum_d, const CeConstants<A>& k) {
-  const A smooth_term = k.smooth == A(0) ? A(0) : k.smooth * sum_d;
+MTLCORE_INLINE A ce_loss(A log_s, A d_t, double sum_d, const CeConstants<A>& k) {
+  const A smooth_term = k.smooth == A(0) ? A(0) : static_cast<A>(k.smooth * sum_d);
   return log_s - k.keep * d_t - smooth_term;
 }
 
@@ -200,14 +214,24 @@ LossPartial ce_rows(const TaskView& v, const LossWork& w, const LossOptions& o) 
       m = xc > m ? xc : m;
     }
     const A d_t = e[t] - m;
-    A s = 0, sum_d = 0;
+    A s = 0;
+    double sum_d = 0.0;
+    if (k.smooth == A(0)) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t c = 0; c < classes; ++c) {
+        const A ec = exp_math(e[c] - m);
+        e[c] = ec;
+        s += ec;
+      }
+    } else {
 #pragma omp simd reduction(+ : s, sum_d)
-    for (int64_t c = 0; c < classes; ++c) {
-      const A d = e[c] - m;
-      const A ec = exp_math(d);
-      e[c] = ec;
-      s += ec;
-      sum_d += d;
+      for (int64_t c = 0; c < classes; ++c) {
+        const A d = e[c] - m;
+        const A ec = exp_math(d);
+        e[c] = ec;
+        s += ec;
+        sum_d += static_cast<double>(d);
+      }
     }
     const A loss = ce_loss(log_math(s), d_t, sum_d, k);
     out.sum += static_cast<double>(loss);
@@ -223,51 +247,140 @@ LossPartial ce_rows(const TaskView& v, const LossWork& w, const LossOptions& o) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// ce on a block of n <= kPixels positions laid out class-major: class c of position p at
-// x[c * stride + p]. Every loop runs over the positions (unit stride: it vectorises) with the
-// classes outside. tt[p] is the position's label, -1 when ignored (it matches no class).
+// ce on a block of n <= kPixels positions, class-major in a buffer: class c of position p at
+// e[c * n + p] (n: CeBlock::n). The block's logits are copied in once (the copy also finds each
+// position's max), so the strided logits are read from memory once, and every later loop runs
+// in the buffer over the positions (unit stride: it vectorises) with the classes outside.
+// tt[p] is the position's label, -1 when ignored (it matches no class).
 // ---------------------------------------------------------------------------------------------
 template <typename A>
 struct CeBlock {
-  alignas(64) A m[kPixels], s[kPixels], sum_d[kPixels], d_t[kPixels];
-  alignas(64) int32_t tt[kPixels];  // labels fit: the argument check bounds C below 2^31
-  std::vector<A> exps;              // C x kPixels: exp(x - max) of the block
+  alignas(64) A m[kPixels], s[kPixels], d_t[kPixels];
+  alignas(64) double sum_d[kPixels];  // see ce_loss
+  alignas(64) int32_t tt[kPixels];    // labels fit: the argument check bounds C below 2^31
+  bool any_ignored = false;           // some position of the block has no label
+  int64_t n = 0;                      // positions per block (a multiple of 16), the row length of e
+  std::vector<A> e;                   // C x n: the logits, then exp(x - max)
 };
 
-template <typename T, typename A, typename G, bool kGrad>
-void ce_block(const T* x, int64_t stride, int64_t n, int64_t classes, const CeConstants<A>& k,
-              CeBlock<A>& blk, G* g, int64_t g_stride, LossPartial* out) {
-  A* m = blk.m;
-  A* s = blk.s;
-  A* sum_d = blk.sum_d;
-  A* d_t = blk.d_t;
-  const int32_t* tt = blk.tt;
-#pragma omp simd
+template <typename A>
+CeBlock<A>& ce_block_buffers(int64_t classes) {
+  thread_local CeBlock<A> blk;
+  blk.n = std::clamp<int64_t>(kBlockElements / classes / 16 * 16, 16, kPixels);
+  blk.e.resize(static_cast<size_t>(classes * blk.n));
+  return blk;
+}
+
+// Reads n labels (stride apart) into blk.tt; false (and *out set) on a label out of range.
+template <typename A>
+bool read_labels(const int64_t* y, int64_t stride, int64_t n, int64_t classes,
+                 int64_t first_position, const LossOptions& o, CeBlock<A>& blk, LossPartial* out) {
+  const int64_t ignore = o.ignore_index;
+  int32_t* tt = blk.tt;
+  int32_t any_ignored = 0, any_bad = 0;
+#pragma omp simd reduction(| : any_ignored, any_bad)
   for (int64_t p = 0; p < n; ++p) {
-    m[p] = -std::numeric_limits<A>::infinity();
-    s[p] = sum_d[p] = d_t[p] = A(0);
+    const int64_t t = y[p * stride];
+    const bool ignored = t == ignore;
+    any_ignored |= ignored ? 1 : 0;
+    any_bad |= !ignored && (t < 0 || t >= classes) ? 1 : 0;
+    tt[p] = ignored ? -1 : static_cast<int32_t>(t);
   }
-  for (int64_t c = 0; c < classes; ++c) {
+  blk.any_ignored = any_ignored != 0;
+  if (any_bad == 0) return true;
+  for (int64_t p = 0;; ++p) {
+    const int64_t t = y[p * stride];
+    if (bad_label(t, classes, o)) {
+      out->bad_label = true;
+      out->label = t;
+      out->position = first_position + p;
+      return false;
+    }
+  }
+}
+
+// Dense logits: class c of position p at x[c * stride + p]; copies them into blk.e and sets
+// blk.m to each position's max.
+template <typename T, typename A>
+void ce_fill_planes(const T* x, int64_t stride, int64_t n, int64_t classes, CeBlock<A>& blk) {
+  A* m = blk.m;
+  A* e = blk.e.data();
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) m[p] = e[p] = load<A>(x, p);
+  for (int64_t c = 1; c < classes; ++c) {
     const T* xc = x + c * stride;
+    A* ec = e + c * blk.n;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
       const A xv = load<A>(xc, p);
+      ec[p] = xv;
       m[p] = xv > m[p] ? xv : m[p];
     }
   }
-  for (int32_t c = 0; c < classes; ++c) {
-    const T* xc = x + c * stride;
-    A* ec = blk.exps.data() + c * kPixels;
+}
+
+// [B, C] rows, row p at x[p * stride]: transposes them into blk.e; sets blk.m.
+template <typename T, typename A>
+void ce_fill_rows(const T* x, int64_t stride, int64_t n, int64_t classes, CeBlock<A>& blk) {
+  A* e = blk.e.data();
+  for (int64_t p = 0; p < n; ++p) {
+    const T* row = x + p * stride;
+    for (int64_t c = 0; c < classes; ++c) e[c * blk.n + p] = load<A>(row, c);
+  }
+  A* m = blk.m;
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) m[p] = e[p];
+  for (int64_t c = 1; c < classes; ++c) {
+    const A* ec = e + c * blk.n;
+#pragma omp simd
+    for (int64_t p = 0; p < n; ++p) m[p] = ec[p] > m[p] ? ec[p] : m[p];
+  }
+}
+
+// The class loop of the block: e = exp(e - m), s += e and, with label smoothing,
+// sum_d += e - m.
+template <typename A, bool kSmooth>
+void ce_block_exps(int64_t n, int64_t classes, CeBlock<A>& blk) {
+  const A* m = blk.m;
+  A* s = blk.s;
+  double* sum_d = blk.sum_d;
+#pragma omp simd
+  for (int64_t p = 0; p < n; ++p) {
+    s[p] = A(0);
+    sum_d[p] = 0.0;
+  }
+  for (int64_t c = 0; c < classes; ++c) {
+    A* ec = blk.e.data() + c * blk.n;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
-      const A d = load<A>(xc, p) - m[p];
+      const A d = ec[p] - m[p];
       const A ev = exp_math(d);
       ec[p] = ev;
       s[p] += ev;
-      sum_d[p] += d;
-      d_t[p] += tt[p] == c ? d : A(0);
+      if constexpr (kSmooth) sum_d[p] += static_cast<double>(d);
     }
   }
+}
+
+// The losses of a filled block, added to *out; leaves exp(x - max) in blk.e and the reciprocal
+// of each position's sum of them in blk.s.
+template <typename A>
+void ce_block(int64_t n, int64_t classes, const CeConstants<A>& k, CeBlock<A>& blk,
+              LossPartial* out) {
+  A* m = blk.m;
+  A* s = blk.s;
+  A* d_t = blk.d_t;
+  const int32_t* tt = blk.tt;
+  // The target's logit, read once per position rather than selected in every class's loop.
+  for (int64_t p = 0; p < n; ++p) {
+    d_t[p] = tt[p] >= 0 ? blk.e[static_cast<size_t>(tt[p] * blk.n + p)] - m[p] : A(0);
+  }
+  if (k.smooth == A(0)) {
+    ce_block_exps<A, false>(n, classes, blk);
+  } else {
+    ce_block_exps<A, true>(n, classes, blk);
+  }
+  const double* sum_d = blk.sum_d;
   double sum = 0.0;
   int64_t count = 0;
 #pragma omp simd reduction(+ : sum, count)
@@ -280,44 +393,28 @@ void ce_block(const T* x, int64_t stride, int64_t n, int64_t classes, const CeCo
   }
   out->sum += sum;
   out->count += count;
-  if constexpr (kGrad) {
-    for (int32_t c = 0; c < classes; ++c) {
-      const A* ec = blk.exps.data() + c * kPixels;
-      G* gc = g + c * g_stride;
+}
+
+// The gradient of the block, class-major at g (class c of position p at g[c * c_stride + p];
+// g may be blk.e itself): softmax - smooth / C, minus (1 - smooth) at the target, zero where
+// the label is missing.
+template <typename A, typename G>
+void ce_block_grad(int64_t n, int64_t classes, const CeConstants<A>& k, CeBlock<A>& blk, G* g,
+                   int64_t c_stride) {
+  const A* s = blk.s;
+  const int32_t* tt = blk.tt;
+  for (int32_t c = 0; c < classes; ++c) {
+    const A* ec = blk.e.data() + c * blk.n;
+    G* gc = g + c * c_stride;
 #pragma omp simd
-      for (int64_t p = 0; p < n; ++p) {
-        const A gv = ec[p] * s[p] - k.smooth - (tt[p] == c ? k.keep : A(0));
-        gc[p] = static_cast<G>(tt[p] >= 0 ? gv : A(0));
-      }
+    for (int64_t p = 0; p < n; ++p) {
+      const A gv = ec[p] * s[p] - k.smooth - (tt[p] == c ? k.keep : A(0));
+      gc[p] = static_cast<G>(tt[p] >= 0 ? gv : A(0));
     }
   }
 }
 
-// Reads n labels (stride apart) into blk.tt; false (and *out set) on a label out of range.
-template <typename A>
-bool read_labels(const int64_t* y, int64_t stride, int64_t n, int64_t classes,
-                 int64_t first_position, const LossOptions& o, CeBlock<A>& blk, LossPartial* out) {
-  for (int64_t p = 0; p < n; ++p) {
-    const int64_t t = y[p * stride];
-    if (bad_label(t, classes, o)) {
-      out->bad_label = true;
-      out->label = t;
-      out->position = first_position + p;
-      return false;
-    }
-    blk.tt[p] = t == o.ignore_index ? -1 : static_cast<int32_t>(t);
-  }
-  return true;
-}
-
-template <typename A>
-CeBlock<A>& ce_block_buffers(int64_t classes) {
-  thread_local CeBlock<A> blk;
-  blk.exps.resize(static_cast<size_t>(classes * kPixels));
-  return blk;
-}
-
-// Dense [B, C, S] logits: blocks of kPixels pixels read in place.
+// Dense [B, C, S] logits: blocks of CeBlock::n pixels.
 template <typename T, typename A, bool kGrad>
 LossPartial ce_dense(const TaskView& v, const LossWork& w, const LossOptions& o) {
   const T* logits = static_cast<const T*>(v.logits);
@@ -329,23 +426,25 @@ LossPartial ce_dense(const TaskView& v, const LossWork& w, const LossOptions& o)
   CeBlock<A>& blk = ce_block_buffers<A>(classes);
   LossPartial out;
   for (int64_t b = w.b0; b < w.b1; ++b) {
-    for (int64_t p0 = w.s0; p0 < w.s1; p0 += kPixels) {
-      const int64_t n = std::min(kPixels, w.s1 - p0);
+    for (int64_t p0 = w.s0; p0 < w.s1; p0 += blk.n) {
+      const int64_t n = std::min(blk.n, w.s1 - p0);
       if (!read_labels(target + b * v.target_stride + p0, 1, n, classes, b * pixels + p0, o, blk,
                        &out)) {
         return out;
       }
-      T* g = kGrad ? grad + (b * classes * pixels + p0) : nullptr;
-      ce_block<T, A, T, kGrad>(logits + b * v.logits_stride + p0, pixels, n, classes, k, blk, g,
-                               pixels, &out);
+      ce_fill_planes(logits + b * v.logits_stride + p0, pixels, n, classes, blk);
+      ce_block(n, classes, k, blk, &out);
+      if constexpr (kGrad) {
+        ce_block_grad(n, classes, k, blk, grad + (b * classes * pixels + p0), pixels);
+      }
     }
   }
   return out;
 }
 
-// [B, C] rows with few classes: blocks of kPixels rows are transposed into a class-major
+// [B, C] rows with few classes: blocks of CeBlock::n rows are transposed into the class-major
 // buffer, so the loops run over rows (a loop over two or ten classes cannot use the vector
-// lanes), and the block's gradient is transposed back.
+// lanes); the gradient is written back row by row.
 template <typename T, typename A, bool kGrad>
 LossPartial ce_rows_transposed(const TaskView& v, const LossWork& w, const LossOptions& o) {
   const T* logits = static_cast<const T*>(v.logits);
@@ -354,26 +453,22 @@ LossPartial ce_rows_transposed(const TaskView& v, const LossWork& w, const LossO
   const int64_t classes = v.classes;
   const CeConstants<A> k(o, classes);
   CeBlock<A>& blk = ce_block_buffers<A>(classes);
-  thread_local std::vector<A> xt_buffer;
-  xt_buffer.resize(static_cast<size_t>(classes * kPixels));
-  A* xt = xt_buffer.data();
   LossPartial out;
-  for (int64_t b0 = w.b0; b0 < w.b1; b0 += kPixels) {
-    const int64_t n = std::min(kPixels, w.b1 - b0);
+  for (int64_t b0 = w.b0; b0 < w.b1; b0 += blk.n) {
+    const int64_t n = std::min(blk.n, w.b1 - b0);
     if (!read_labels(target + b0 * v.target_stride, v.target_stride, n, classes, b0, o, blk,
                      &out)) {
       return out;
     }
-    for (int64_t p = 0; p < n; ++p) {
-      const T* row = logits + (b0 + p) * v.logits_stride;
-      for (int64_t c = 0; c < classes; ++c) xt[c * kPixels + p] = load<A>(row, c);
-    }
-    // The gradient goes to the same buffer (each element is read before it is written).
-    ce_block<A, A, A, kGrad>(xt, kPixels, n, classes, k, blk, xt, kPixels, &out);
+    ce_fill_rows(logits + b0 * v.logits_stride, v.logits_stride, n, classes, blk);
+    ce_block(n, classes, k, blk, &out);
     if constexpr (kGrad) {
+      ce_block_grad(n, classes, k, blk, blk.e.data(), blk.n);  // in place, then transposed back
       for (int64_t p = 0; p < n; ++p) {
         T* row = grad + (b0 + p) * classes;
-        for (int64_t c = 0; c < classes; ++c) row[c] = static_cast<T>(xt[c * kPixels + p]);
+        for (int64_t c = 0; c < classes; ++c) {
+          row[c] = static_cast<T>(blk.e[static_cast<size_t>(c * blk.n + p)]);
+        }
       }
     }
   }
@@ -413,30 +508,49 @@ MTLCORE_INLINE void element_loss(A x, A y, A* loss, A* grad) {
   }
 }
 
+// n elements from x, y (and g): sums in A over chunks of kSumChunk elements (vector lanes of
+// a few dozen terms each), added to the double total chunk by chunk.
+constexpr int64_t kSumChunk = 256;
+
+template <LossKind K, typename T, typename Tt, typename A, bool kGrad>
+void elementwise_run(const T* x, const Tt* y, T* g, int64_t n, LossPartial* out) {
+  for (int64_t j0 = 0; j0 < n; j0 += kSumChunk) {
+    const int64_t j1 = std::min(n, j0 + kSumChunk);
+    A sum = A(0);
+    int32_t count = 0;
+#pragma omp simd reduction(+ : sum, count)
+    for (int64_t j = j0; j < j1; ++j) {
+      const A yv = load<A>(y, j);
+      A loss, gv;
+      element_loss<K>(load<A>(x, j), yv, &loss, &gv);
+      const bool valid = yv == yv;
+      sum += valid ? loss : A(0);
+      count += valid ? 1 : 0;
+      if constexpr (kGrad) g[j] = static_cast<T>(valid ? gv : A(0));
+    }
+    out->sum += static_cast<double>(sum);
+    out->count += count;
+  }
+}
+
 template <LossKind K, typename T, typename Tt, typename A, bool kGrad>
 LossPartial elementwise(const TaskView& v, const LossWork& w, const LossOptions& o) {
   const T* logits = static_cast<const T*>(v.logits);
   const Tt* target = static_cast<const Tt*>(v.target);
   T* grad = static_cast<T*>(v.grad);
   LossPartial out;
+  const int64_t row = v.classes;
+  if (w.s0 == 0 && w.s1 == row && v.logits_stride == row && v.target_stride == row) {
+    // Whole rows, back to back in memory: one run over all of them.
+    const int64_t first = w.b0 * row;
+    elementwise_run<K, T, Tt, A, kGrad>(logits + first, target + first,
+                                        kGrad ? grad + first : nullptr, (w.b1 - w.b0) * row, &out);
+    return out;
+  }
   for (int64_t b = w.b0; b < w.b1; ++b) {
-    const T* x = logits + b * v.logits_stride;
-    const Tt* y = target + b * v.target_stride;
-    T* g = kGrad ? grad + b * v.classes : nullptr;
-    double sum = 0.0;
-    int64_t count = 0;
-#pragma omp simd reduction(+ : sum, count)
-    for (int64_t j = w.s0; j < w.s1; ++j) {
-      const A yv = load<A>(y, j);
-      A loss, gv;
-      element_loss<K>(load<A>(x, j), yv, &loss, &gv);
-      const bool valid = yv == yv;
-      sum += valid ? static_cast<double>(loss) : 0.0;
-      count += valid ? 1 : 0;
-      if constexpr (kGrad) g[j] = static_cast<T>(valid ? gv : A(0));
-    }
-    out.sum += sum;
-    out.count += count;
+    elementwise_run<K, T, Tt, A, kGrad>(logits + b * v.logits_stride + w.s0,
+                                        target + b * v.target_stride + w.s0,
+                                        kGrad ? grad + b * row + w.s0 : nullptr, w.s1 - w.s0, &out);
   }
   return out;
 }
