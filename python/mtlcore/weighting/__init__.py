@@ -164,17 +164,19 @@ class FAMO(LossWeighting):
         return inv / inv.sum()
 
     def total(self, losses: Tensor) -> Tensor:
-        self._before = losses.detach().clamp(min=1e-8).log().cpu().float()
+        self._before = losses.detach().float().clamp(min=1e-8).log()
         return super().total(losses)
 
     def after_step(self, losses: Tensor) -> None:
+        # On the device of xi (the Trainer moves the strategy to its device): no host sync.
         if self._before is None:
             return
-        delta = self._before - losses.detach().clamp(min=1e-8).log().cpu().float()
-        z = torch.softmax(self.xi.cpu(), 0)
+        xi = self.xi
+        after = losses.detach().float().clamp(min=1e-8).log()
+        delta = (self._before - after).to(xi.device)
+        z = torch.softmax(xi, 0)
         jacobian = torch.diag(z) - torch.outer(z, z)
-        step = jacobian.T @ delta + self.decay * self.xi.cpu()
-        self.xi = (self.xi.cpu() - self.lr * step).to(self.xi.device)
+        self.xi = xi - self.lr * (jacobian.T @ delta + self.decay * xi)
         self._before = None
 
 
@@ -333,18 +335,19 @@ class GradNorm(GradientWeighting):
         self.register_buffer("initial", torch.zeros(0))
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        losses = losses.detach().float().cpu()
+        # On the device of w (the Trainer moves the strategy to its device): no host sync.
+        w = self.w
+        losses = losses.detach().float().to(w.device)
         if self.initial.numel() == 0:
             self.initial = losses.clamp(min=1e-12)
-        norms = grads.detach().float().norm(dim=1).cpu()
-        w = self.w.cpu()
+        norms = grads.detach().float().norm(dim=1).to(w.device)
         weighted = w * norms
         ratio = losses / self.initial
         ratio = ratio / ratio.mean().clamp(min=1e-12)
         target = weighted.mean() * ratio.pow(self.alpha)
         w = (w - self.lr * torch.sign(weighted - target) * norms).clamp(min=0)
         w = w * self.num_tasks / w.sum().clamp(min=1e-12)
-        self.w = w.to(self.w.device)
+        self.w = w
         weights = w.to(grads)
         return weights @ grads, weights
 
