@@ -23,32 +23,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_results
 
 import mtlcore
-from mtlcore import optim, weighting
+from mtlcore import optim
 from mtlcore.models import SmallCNN
 from mtlcore.nn import GroupedModel
 from mtlcore.relations import group_tasks
 from mtlcore.tasks import multitask_gain
 from mtlcore.train import Trainer
-from mtlcore.train.job import build_model, load_data
+from mtlcore.train.job import build_model, load_data, make_trainer
 
 METHODS = ["equal", "uncertainty", "dwa", "pcgrad", "mgda", "cagrad", "grouped"]
 
 
 def train_once(tasks, train, test, channels, size, args, seed, method=None, model=None):
-    torch.manual_seed(seed)
-    model = model if model is not None else build_model(tasks, channels, size)
-    strategy = None
-    if method not in (None, "grouped") and len(tasks) > 1:
-        strategy = weighting.get(method, len(tasks))
-    params = list(model.parameters()) + (list(strategy.parameters()) if strategy else [])
-    trainer = Trainer(
-        model,
+    trainer = make_trainer(
         tasks,
-        optim.Adam(params, lr=args.lr),
-        batch_size=args.batch_size,
+        channels,
+        size,
         seed=seed,
+        weighting=None if method == "grouped" else method,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        model=model,
         progress=False,
-        weighting=strategy,
     )
     trainer.fit(train, epochs=args.epochs)
     steps = args.epochs * -(-len(train) // args.batch_size)
@@ -99,6 +95,7 @@ def main() -> None:
         for method in METHODS:
             model = None
             if method == "grouped":
+                torch.manual_seed(seed)  # the same initial heads for every run of this seed
                 heads = build_model(tasks, channels, size).heads
                 model = GroupedModel(lambda: SmallCNN(channels, size), dict(heads), groups)
             r, per_step = train_once(tasks, train, test, channels, size, args, seed, method, model)

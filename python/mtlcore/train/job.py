@@ -20,7 +20,7 @@ from mtlcore.nn import DenseHead, LinearHead, MultiTaskModel
 from mtlcore.tasks import Task
 from mtlcore.train.trainer import Trainer
 
-__all__ = ["evaluate_checkpoint", "load_data", "train_job"]
+__all__ = ["evaluate_checkpoint", "load_data", "make_trainer", "train_job"]
 
 
 def load_data(
@@ -64,6 +64,50 @@ def build_model(tasks: Sequence[Task], channels: int, image_size: int) -> MultiT
     return MultiTaskModel(trunk, heads)
 
 
+def make_trainer(
+    tasks: Sequence[Task],
+    channels: int,
+    size: int,
+    *,
+    seed: int,
+    weighting: str | None = None,
+    optimizer: str = "adam",
+    lr: float = 2e-3,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    weighting_on: str = "representation",
+    model: torch.nn.Module | None = None,
+    **trainer_kwargs,
+) -> Trainer:
+    """The main job's Trainer: seeds torch, builds the SmallCNN model with one head per task
+    (unless ``model`` is given), the weighting strategy named ``weighting`` (multi-task only)
+    and the fused ``optimizer`` (adam, or sgd with momentum 0.9) over the model's and the
+    strategy's parameters. ``trainer_kwargs`` go to :class:`Trainer`."""
+    torch.manual_seed(seed)
+    model = model if model is not None else build_model(tasks, channels, size)
+    strategy = None
+    if weighting is not None and len(tasks) > 1:
+        from mtlcore import weighting as strategies
+
+        strategy = strategies.get(weighting, len(tasks))
+    params = list(model.parameters()) + (list(strategy.parameters()) if strategy else [])
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = optim.Adam(params, lr=lr)
+    else:
+        opt = optim.SGD(params, lr=lr, momentum=0.9)
+    return Trainer(
+        model,
+        tasks,
+        opt,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        weighting=strategy,
+        weighting_on=weighting_on,
+        **trainer_kwargs,
+    )
+
+
 def _fit(
     tasks: Sequence[Task],
     train: Dataset,
@@ -74,29 +118,19 @@ def _fit(
     log: Callable[[str], None],
     out_dir: str | None = None,
 ) -> tuple[dict[str, dict[str, float]], float]:
-    torch.manual_seed(args["seed"])
-    model = build_model(tasks, channels, size)
-    strategy = None
-    if args["weighting"] is not None and len(tasks) > 1:
-        from mtlcore import weighting
-
-        strategy = weighting.get(args["weighting"], len(tasks))
-    params = list(model.parameters()) + (list(strategy.parameters()) if strategy else [])
-    if args["optimizer"] == "adam":
-        opt: torch.optim.Optimizer = optim.Adam(params, lr=args["lr"])
-    else:
-        opt = optim.SGD(params, lr=args["lr"], momentum=0.9)
-    trainer = Trainer(
-        model,
+    trainer = make_trainer(
         tasks,
-        opt,
-        device=args["device"],
-        batch_size=args["batch_size"],
+        channels,
+        size,
         seed=args["seed"],
+        weighting=args["weighting"],
+        optimizer=args["optimizer"],
+        lr=args["lr"],
+        batch_size=args["batch_size"],
+        device=args["device"],
+        weighting_on=args["weighting_on"],
         out_dir=out_dir,
         progress=args["progress"],
-        weighting=strategy,
-        weighting_on=args["weighting_on"],
     )
     # What `python -m mtlcore evaluate` needs to rebuild the model and find the data.
     trainer.config = {
