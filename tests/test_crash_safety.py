@@ -134,3 +134,5 @@ def test_sigkill_20_times_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert_same_state(
         load_checkpoint(out / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
     )
+    # The saves after the kills deleted what the killed saves left behind.
+    assert temp_files(out) == [], temp_files(out)

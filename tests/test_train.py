@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +88,31 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_checkpoint_save_removes_what_killed_saves_left(tmp_path):
+    """Temporary files of a dead writer on this host go at the next save; those of a running
+    process, of another host, or of another name stay."""
+    path = tmp_path / "ck.pt"
+    host = socket.gethostname()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".ck.pt.{host}.{dead_pid}.abcd1234.tmp"
+    running = tmp_path / f".ck.pt.{host}.{os.getppid()}.abcd1234.tmp"
+    other_host = tmp_path / f".ck.pt.{host}x.{dead_pid}.abcd1234.tmp"
+    old_style = tmp_path / ".ck.pt.abcd1234.tmp"
+    other_name = tmp_path / f".other.pt.{host}.{dead_pid}.abcd1234.tmp"
+    for p in (stale, running, other_host, old_style, other_name):
+        p.write_bytes(b"partial")
+    save_checkpoint({"step": 1}, path)
+    assert not stale.exists()
+    assert all(p.exists() for p in (running, other_host, old_style, other_name))
+    assert load_checkpoint(path) == {"step": 1}
 
 
 def test_autocast_bf16_on_cpu():
