@@ -263,6 +263,8 @@ def loss_tasks(draw):
                 ),
                 "specials": draw(special_lists) if draw(st.integers(0, 3)) == 0 else [],
                 "scale": draw(st.sampled_from([1.0, 5.0, 1e-3, 60.0])),
+                # ce logits far from 0: label smoothing's mean - max must not cancel away.
+                "offset": draw(st.sampled_from([0.0, 0.0, 1e4, -3e3])) if kind == "ce" else 0.0,
             }
         )
     t = len(tasks)
@@ -282,8 +284,8 @@ def loss_inputs(case, dtype):
     logits, targets = [], []
     for task in case["tasks"]:
         shape = task["shape"]
-        x = (torch.randn(shape, generator=g, dtype=torch.float64) * task["scale"]).to(dtype)
-        x = inject(x, task["specials"])
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * task["scale"] + task["offset"]
+        x = inject(x.to(dtype), task["specials"])
         missing = torch.rand(shape[:1] + shape[2:], generator=g) < task["missing"]
         if task["kind"] == "ce":
             y = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)

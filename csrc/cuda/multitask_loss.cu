@@ -142,9 +142,9 @@ struct CeParams {
 // Online softmax over the logits seen so far.
 template <typename Acc>
 struct SoftmaxState {
-  Acc max;    // largest logit, -inf when none
-  Acc sum;    // sum of exp(x - max), 0 when none
-  Acc sum_x;  // sum of the logits (label smoothing)
+  Acc max;       // largest logit, -inf when none
+  Acc sum;       // sum of exp(x - max), 0 when none
+  double sum_x;  // sum of the logits (label smoothing), in double: see ce_loss
 };
 
 template <typename Acc>
@@ -165,7 +165,7 @@ MTLCORE_HD void softmax_add(SoftmaxState<Acc>& st, Acc v) {
   } else {
     st.sum += math_exp(v - st.max);
   }
-  st.sum_x += v;
+  st.sum_x += static_cast<double>(v);
 }
 
 // The state of the union of two disjoint sets of logits (either may be empty). Equal maxima
@@ -179,15 +179,20 @@ MTLCORE_HD SoftmaxState<Acc> softmax_merge(const SoftmaxState<Acc>& a, const Sof
 }
 
 // Loss of a counted ce position, lse - (1 - eps) x_t - (eps / C) sum_c x_c, written relative
-// to the max as the CPU kernels do: log(sum) - (1 - eps) (x_t - max) - (eps / C) sum_c (x_c -
-// max), which is exactly 0 for one class. Without smoothing the last term is left out rather
-// than multiplied by 0: the sum is -inf with masked classes.
+// to the max as the CPU kernels do: log(sum) - (1 - eps) (x_t - max) - eps (mean_c x_c - max),
+// which is exactly 0 for one class. The mean and its difference to the max are formed in
+// double: logits far from 0 (all near 1e4, say) would otherwise lose the difference to
+// cancellation. Without smoothing the last term is left out rather than multiplied by 0: the
+// sum is -inf with masked classes.
 template <typename Acc>
 MTLCORE_HD Acc ce_loss(const SoftmaxState<Acc>& st, Acc target_logit, const CeParams<Acc>& p,
-                       Acc smoothing_per_class) {
+                       int64_t classes) {
   const Acc loss = math_log(st.sum) - p.one_minus_smoothing * (target_logit - st.max);
-  return p.smoothing != Acc(0) ? loss - (smoothing_per_class * st.sum_x - p.smoothing * st.max)
-                               : loss;
+  if (p.smoothing == Acc(0)) return loss;
+  const double mean_minus_max =
+      st.sum_x / static_cast<double>(classes) - static_cast<double>(st.max);
+  return static_cast<Acc>(static_cast<double>(loss) -
+                          static_cast<double>(p.smoothing) * mean_minus_max);
 }
 
 // Unscaled gradient of a counted ce position at class c with logit v:
@@ -341,7 +346,7 @@ __device__ void ce_positions(const TaskView& tv, const WorkItem& w, const CePara
       softmax_add(st, v);
       if (c == t) target_logit = v;
     }
-    acc.loss += static_cast<double>(ce_loss(st, target_logit, p, smoothing_per_class));
+    acc.loss += static_cast<double>(ce_loss(st, target_logit, p, classes));
     acc.count += 1;
     if (g != nullptr) {
       const Acc inv_sum = Acc(1) / st.sum;
@@ -389,7 +394,7 @@ __device__ void ce_rows(const TaskView& tv, const WorkItem& w, const CeParams<Ac
       st = warp_allreduce(st, merge);
     }
     if (lane == 0) {
-      acc.loss += static_cast<double>(ce_loss(st, static_cast<Acc>(x[t]), p, smoothing_per_class));
+      acc.loss += static_cast<double>(ce_loss(st, static_cast<Acc>(x[t]), p, classes));
       acc.count += 1;
     }
     if (g != nullptr) {
