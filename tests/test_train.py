@@ -174,9 +174,14 @@ def test_gradient_weighting_with_one_task_is_plain_training():
 
 
 @pytest.mark.parametrize(
+    "autocast",
+    [None, torch.bfloat16, torch.float16],
+    ids=["float32", "autocast-bf16", "autocast-fp16-gradscaler"],
+)
+@pytest.mark.parametrize(
     "name", ["uncertainty", "dwa", "rlw", "famo", "gradnorm", "pcgrad", "mgda", "cagrad"]
 )
-def test_every_weighting_trains(name):
+def test_every_weighting_trains(name, autocast):
     from mtlcore import weighting
 
     data = Shapes(64, image_size=16, seed=8)
@@ -188,7 +193,13 @@ def test_every_weighting_trains(name):
     strategy = weighting.get(name, 2)
     params = list(model.parameters()) + list(strategy.parameters())
     trainer = Trainer(
-        model, tasks, torch.optim.Adam(params, lr=1e-3), batch_size=16, weighting=strategy
+        model,
+        tasks,
+        torch.optim.Adam(params, lr=1e-3),
+        batch_size=16,
+        weighting=strategy,
+        autocast_dtype=autocast,
+        grad_scaler=torch.amp.GradScaler("cpu") if autocast == torch.float16 else None,
     )
     before = [p.detach().clone() for p in model.parameters()]
     history = trainer.fit(data, epochs=2)
@@ -201,13 +212,15 @@ def test_parameter_gradients_mode():
     parameters; with one task it trains like plain backpropagation."""
     from mtlcore.weighting import MGDA, PCGrad
 
-    def trainer(weighting, tasks, on="parameters"):
+    def trainer(weighting, tasks, on="parameters", **kwargs):
         torch.manual_seed(0)
         model = MultiTaskModel(
             SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in tasks}
         )
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        return Trainer(model, tasks, opt, batch_size=16, weighting=weighting, weighting_on=on)
+        return Trainer(
+            model, tasks, opt, batch_size=16, weighting=weighting, weighting_on=on, **kwargs
+        )
 
     data = Shapes(48, image_size=16, seed=7)
     a, b = trainer(None, TASKS[:1]), trainer(MGDA(1), TASKS[:1])
@@ -216,6 +229,14 @@ def test_parameter_gradients_mode():
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     history = trainer(PCGrad(len(TASKS)), TASKS).fit(data, epochs=1)
+    assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
+    scaled = trainer(
+        PCGrad(len(TASKS)),
+        TASKS,
+        autocast_dtype=torch.float16,
+        grad_scaler=torch.amp.GradScaler("cpu"),
+    )
+    history = scaled.fit(data, epochs=1)
     assert all(torch.isfinite(torch.tensor(v)) for v in history[0].values())
     with pytest.raises(ValueError, match="weighting_on must be"):
         trainer(None, TASKS, on="everything")

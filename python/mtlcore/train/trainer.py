@@ -283,9 +283,13 @@ class Trainer:
         weights the strategy reports; returns the combined gradient, scaled for a GradScaler."""
         combined, weights = self.weighting.combine(rows, per_task.detach())
         head_loss = (weights.detach().to(per_task) * per_task).sum()
-        if self.grad_scaler is not None:  # the scaler's step expects scaled gradients
-            scale = float(self.grad_scaler.get_scale())
-            head_loss, combined = head_loss * scale, combined * scale
+        if self.grad_scaler is not None:
+            # The scaler's step expects scaled gradients, and a first scale() to set itself up
+            # (the scale stays a tensor: no host synchronisation).
+            head_loss, combined = (
+                self.grad_scaler.scale(head_loss),
+                self.grad_scaler.scale(combined),
+            )
         head_loss.backward(inputs=self._head_params())
         return combined
 
