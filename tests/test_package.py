@@ -124,6 +124,7 @@ def test_cli_train_on_shapes(tmp_path):
         ["--optimizer", "lbfgs"],
         ["--data", "cifar10"],
         ["--resume"],  # needs --out
+        ["--autocast", "float8"],
     ],
 )
 def test_cli_train_bad_arguments_exit_2_without_traceback(args):
@@ -141,7 +142,8 @@ def test_cli_weighting_names_are_the_strategies():
     assert set(cli.STRATEGY_NAMES) == set(weighting.STRATEGIES) - {"fixed"}
 
 
-def test_cli_train_with_a_weighting():
+@pytest.mark.parametrize("autocast", [[], ["--autocast", "bfloat16"]], ids=["fp32", "bf16"])
+def test_cli_train_with_a_weighting(autocast):
     proc = subprocess.run(
         [
             sys.executable,
@@ -157,6 +159,7 @@ def test_cli_train_with_a_weighting():
             "--weighting",
             "pcgrad",
             "--no-progress",
+            *autocast,
         ],
         capture_output=True,
         text=True,

@@ -80,6 +80,7 @@ def _train(args: argparse.Namespace) -> int:
             compare_plain=args.compare_plain,
             weighting=args.weighting,
             weighting_on=args.weighting_on,
+            autocast=args.autocast,
             epochs=args.epochs,
             batch_size=args.batch_size,
             samples=args.samples,
@@ -170,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="representation",
         help="gradients a gradient-based weighting combines: of the trunk's outputs (one "
         "trunk backward) or of the shared parameters (one trunk backward per task)",
+    )
+    train.add_argument(
+        "--autocast",
+        choices=["bfloat16", "float16"],
+        default=None,
+        help="run forward and loss under torch.autocast in this dtype (bfloat16 on the CPU; "
+        "float16 adds a GradScaler)",
     )
     train.add_argument(
         "--compare-plain",

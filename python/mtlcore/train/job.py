@@ -76,13 +76,18 @@ def make_trainer(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     weighting_on: str = "representation",
+    autocast: str | None = None,
     model: torch.nn.Module | None = None,
     **trainer_kwargs,
 ) -> Trainer:
     """The main job's Trainer: seeds torch, builds the SmallCNN model with one head per task
     (unless ``model`` is given), the weighting strategy named ``weighting`` (multi-task only)
     and the fused ``optimizer`` (adam, or sgd with momentum 0.9) over the model's and the
-    strategy's parameters. ``trainer_kwargs`` go to :class:`Trainer`."""
+    strategy's parameters. ``autocast`` ("bfloat16" or "float16") runs forward and loss under
+    ``torch.autocast`` in that dtype, float16 with a ``GradScaler``. ``trainer_kwargs`` go to
+    :class:`Trainer`."""
+    if autocast not in (None, "bfloat16", "float16"):
+        raise ValueError(f"autocast must be 'bfloat16' or 'float16', got {autocast!r}")
     torch.manual_seed(seed)
     model = model if model is not None else build_model(tasks, channels, size)
     strategy = None
@@ -95,6 +100,7 @@ def make_trainer(
         opt: torch.optim.Optimizer = optim.Adam(params, lr=lr)
     else:
         opt = optim.SGD(params, lr=lr, momentum=0.9)
+    scaler = torch.amp.GradScaler(torch.device(device).type) if autocast == "float16" else None
     return Trainer(
         model,
         tasks,
@@ -104,6 +110,8 @@ def make_trainer(
         seed=seed,
         weighting=strategy,
         weighting_on=weighting_on,
+        autocast_dtype=getattr(torch, autocast) if autocast is not None else None,
+        grad_scaler=scaler,
         **trainer_kwargs,
     )
 
@@ -129,6 +137,7 @@ def _fit(
         batch_size=args["batch_size"],
         device=args["device"],
         weighting_on=args["weighting_on"],
+        autocast=args["autocast"],
         out_dir=out_dir,
         progress=args["progress"],
     )
@@ -219,6 +228,7 @@ def train_job(
     compare_plain: bool = False,
     weighting: str | None = None,
     weighting_on: str = "representation",
+    autocast: str | None = None,
     progress: bool | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
@@ -238,6 +248,7 @@ def train_job(
         "samples": samples,
         "weighting": weighting,
         "weighting_on": weighting_on,
+        "autocast": autocast,
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": optimizer,
