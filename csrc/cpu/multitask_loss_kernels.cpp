@@ -258,7 +258,6 @@ struct CeBlock {
   alignas(64) A m[kPixels], s[kPixels], d_t[kPixels];
   alignas(64) double sum_d[kPixels];  // see ce_loss
   alignas(64) int32_t tt[kPixels];    // labels fit: the argument check bounds C below 2^31
-  bool any_ignored = false;           // some position of the block has no label
   int64_t n = 0;                      // positions per block (a multiple of 16), the row length of e
   std::vector<A> e;                   // C x n: the logits, then exp(x - max)
 };
@@ -277,16 +276,14 @@ bool read_labels(const int64_t* y, int64_t stride, int64_t n, int64_t classes,
                  int64_t first_position, const LossOptions& o, CeBlock<A>& blk, LossPartial* out) {
   const int64_t ignore = o.ignore_index;
   int32_t* tt = blk.tt;
-  int32_t any_ignored = 0, any_bad = 0;
-#pragma omp simd reduction(| : any_ignored, any_bad)
+  int32_t any_bad = 0;
+#pragma omp simd reduction(| : any_bad)
   for (int64_t p = 0; p < n; ++p) {
     const int64_t t = y[p * stride];
     const bool ignored = t == ignore;
-    any_ignored |= ignored ? 1 : 0;
     any_bad |= !ignored && (t < 0 || t >= classes) ? 1 : 0;
     tt[p] = ignored ? -1 : static_cast<int32_t>(t);
   }
-  blk.any_ignored = any_ignored != 0;
   if (any_bad == 0) return true;
   for (int64_t p = 0;; ++p) {
     const int64_t t = y[p * stride];
