@@ -7,8 +7,12 @@
 // Kernels. Forward and (unit-stride) input gradient run one of two implicit GEMMs on padded
 //   images: pixel-vectorised (6 channels x 16 pixels of one output row) or channel-vectorised
 //   (16 channels x 6 pixels, any column stride), whichever prefer_channel_tiles() expects to
-//   leave fewer lanes idle; a strided input gradient gathers panels instead.
+//   leave fewer lanes idle. The input gradient of a strided layer, or of one whose padded
+//   gradient would be more than an eighth zero border (valid convolutions of small images), is
+//   computed by columns instead (a GEMM on G's rows, then a vectorised scatter-add into a
+//   padded image); with fewer than 4 (image, group) jobs a strided one gathers panels.
 // Parallel split (one at::parallel_for per product, torch.set_num_threads governs it):
+//   grad_input by columns: one job per (image, group), in blocks of whole output rows;
 //   forward and grad_input: jobs = (image, group, block of up to 8 pixel panels), at least
 //     four jobs per thread when the problem allows; every output element is computed by one
 //     job, so the result does not depend on the thread count;
@@ -22,7 +26,8 @@
 // Memory. The forward keeps nothing besides its outputs; while it runs it holds the padded
 //   input copy. The backward allocates G (the size of grad_output, rows padded to the vector
 //   width), a padded copy of G for a unit-stride input gradient, the weights rearranged and
-//   packed, and one small workspace per thread; grad_weight adds partial sums of up to 4
+//   packed, and one small workspace per thread (by columns: a block of columns, at most about
+//   256 kB, and the padded image); grad_weight adds partial sums of up to 4
 //   weight-sized buffers. bench/bench_conv.py measures the peak against eager.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -302,6 +307,79 @@ void activation_grad(const ConvKernels<T>& k, const Conv2dParams& p, const at::T
   }
 }
 
+// grad_input by columns: per (image, group), blocks of whole output rows of
+//   cols[(c, ry, sx)][pixel] = sum_k W[group * kg + k][c][ry][sx] * G[k][pixel]
+// (a GEMM on G's rows read in place: exactly the forward's work), each block scattered into a
+// zero-padded copy of the image's input gradient right after (col2im) while it is in cache;
+// the copy's interior is the result. G needs k.nr elements of readable slack after its end.
+template <typename T>
+void input_grad_columns(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
+                        const T* w, at::Tensor& grad_input) {
+  const int64_t kg = p.k_per_group(), cg = p.c_per_group(), rs = p.r * p.s;
+  const int64_t rows = cg * rs, out_pixels = p.oh * p.ow, pixels = p.h * p.w;
+  // A[group][(c, ry, sx)][k] = W[group * kg + k][c][ry][sx].
+  std::vector<T> a(p.groups * rows * kg);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    for (int64_t kk = 0; kk < kg; ++kk) {
+      const T* src = w + (grp * kg + kk) * rows;
+      T* dst = a.data() + grp * rows * kg + kk;
+      for (int64_t i = 0; i < rows; ++i) dst[i * kg] = src[i];
+    }
+  }
+  // A block of whole output rows whose columns stay within L2 (about 256 kB).
+  const int64_t block_rows = std::clamp<int64_t>(65536 / rows / p.ow, 1, p.oh);
+  const int64_t block = block_rows * p.ow;
+  const int64_t ld = ceil_div(block, k.lanes) * k.lanes;
+  const bool channels = prefer_channel_tiles(k, rows, kg, block);
+  const int64_t pack_block = channels ? k.channel_block : k.mr;
+  const at::Tensor packed =
+      pack_groups(k, a.data(), p.groups, rows, kg, pack_block, grad_input.options());
+  const int64_t packed_size = k.packed_a_size(rows, kg, pack_block);
+  std::vector<int64_t> offsets(kg);
+  for (int64_t d = 0; d < kg; ++d) offsets[d] = d * row_len;
+  // The padded image: pad_top + h + pad_bottom rows of pad_left + w + pad_right columns, plus
+  // the columns col2im's whole vectors reach with unit column stride.
+  const int64_t hp = p.pad_top + p.h + p.pad_bottom;
+  const int64_t wp = p.pad_left + p.w + p.pad_right +
+                     (p.stride_w == 1 ? ceil_div(p.ow, k.lanes) * k.lanes - p.ow : 0);
+  T* dx = grad_input.data_ptr<T>();
+  at::parallel_for(0, p.n * p.groups, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> cols(rows * ld);
+    std::vector<T> padded(cg * hp * wp);
+    for (int64_t job_index = lo; job_index < hi; ++job_index) {
+      const int64_t n = job_index / p.groups, grp = job_index % p.groups;
+      std::fill(padded.begin(), padded.end(), T(0));
+      const T* rows_of_g = g + (n * p.k + grp * kg) * row_len;
+      for (int64_t y0 = 0; y0 < p.oh; y0 += block_rows) {
+        const int64_t y1 = std::min(p.oh, y0 + block_rows);
+        // G's rows as one image row of `block` pixels starting at pixel y0 * ow.
+        const DirectGemmJob<T> job{
+            packed.data_ptr<T>() + grp * packed_size,
+            rows,
+            kg,
+            rows_of_g + y0 * p.ow,
+            offsets.data(),
+            0,
+            1,
+            block,
+            0,
+            (y1 - y0) * p.ow,
+            {cols.data(), nullptr, ld, nullptr, Activation::kIdentity, T(0)}};
+        (channels ? k.channel_gemm : k.direct_gemm)(job);
+        k.col2im({cols.data(), ld, y0, y1, p.ow, cg, p.r, p.s, p.stride_h, p.stride_w, p.dil_h,
+                  p.dil_w, padded.data(), hp * wp, wp});
+      }
+      T* image = dx + (n * p.c + grp * cg) * pixels;
+      for (int64_t c = 0; c < cg; ++c) {
+        for (int64_t y = 0; y < p.h; ++y) {
+          const T* src = padded.data() + (c * hp + p.pad_top + y) * wp + p.pad_left;
+          std::copy(src, src + p.w, image + (c * p.h + y) * p.w);
+        }
+      }
+    }
+  });
+}
+
 // grad_input = the transposed convolution of G with the weights.
 template <typename T>
 void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
@@ -314,6 +392,15 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
   const int64_t ext_h = p.dil_h * (p.r - 1), ext_w = p.dil_w * (p.s - 1);
   const bool direct = p.stride_h == 1 && p.stride_w == 1 && p.pad_top <= ext_h &&
                       p.pad_bottom <= ext_h && p.pad_left <= ext_w && p.pad_right <= ext_w;
+  // The direct path computes h * w outputs from windows of G that are partly zero border; by
+  // columns the GEMM does exactly the forward's work (and its output adds one scatter pass).
+  // Columns when the border costs more than an eighth, or for strides, given enough (image,
+  // group) jobs to share out: a choice that depends on the shapes only, not on the threads.
+  const int64_t out_pixels = p.oh * p.ow;
+  if (p.n * p.groups >= 4 && (!direct || pixels > out_pixels + out_pixels / 8)) {
+    input_grad_columns(k, p, g, row_len, w, grad_input);
+    return;
+  }
   // W'[group][c][k, r, s] = W[group * kg + k][c][r, s], flipped in r and s for the direct path.
   std::vector<T> wt(p.groups * cg * depth);
   for (int64_t grp = 0; grp < p.groups; ++grp) {
@@ -472,7 +559,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
     using T = decltype(tag);
     const ConvKernels<T>& k = kernels<T>();
     const int64_t row_len = ceil_div(p.oh * p.ow, k.lanes) * k.lanes;
-    at::Tensor g = at::empty({p.n, p.k, row_len}, input.options());
+    // G as [N, K, row_len], plus k.nr elements of zero slack read by input_grad_columns.
+    const int64_t g_size = p.n * p.k * row_len;
+    at::Tensor g = at::empty({g_size + k.nr}, input.options());
+    std::fill(g.data_ptr<T>() + g_size, g.data_ptr<T>() + g_size + k.nr, T(0));
     activation_grad(k, p, grad_output, saved, row_len, g.data_ptr<T>(),
                     output_mask[2] ? grad_bias.data_ptr<T>() : nullptr);
     if (output_mask[0]) input_grad(k, p, g.data_ptr<T>(), row_len, w.data_ptr<T>(), grad_input);

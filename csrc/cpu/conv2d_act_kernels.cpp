@@ -368,8 +368,9 @@ struct ImageWindow {
 // and `cols` pixels: partial sums of earlier depth blocks added, and after the last block
 // bias, preact and activation (masked loads/stores when cols < kNr).
 template <typename T, Activation A, typename B>
-void micro_kernel(int64_t kc, const T* __restrict a, const B b, const Epilogue<T>& e, int64_t i0,
-                  int64_t rows, int64_t p, int64_t cols, bool first, bool last) {
+[[gnu::always_inline]] inline void micro_kernel(int64_t kc, const T* __restrict a, const B b,
+                                                const Epilogue<T>& e, int64_t i0, int64_t rows,
+                                                int64_t p, int64_t cols, bool first, bool last) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
@@ -671,6 +672,43 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Input gradient by columns (col2im)
+// ---------------------------------------------------------------------------------------------
+// Each target element receives its terms in a fixed order (depth rows, then pixels), so the
+// result does not depend on how the caller splits the rows into blocks.
+template <typename T>
+void col2im(const Col2ImJob<T>& job) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
+  const int64_t rows = job.y_end - job.y_begin;
+  for (int64_t chan = 0; chan < job.chans; ++chan) {
+    for (int64_t ry = 0; ry < job.r; ++ry) {
+      for (int64_t sx = 0; sx < job.s; ++sx) {
+        const T* col = job.cols + ((chan * job.r + ry) * job.s + sx) * job.ld;
+        T* target = job.dx + chan * job.plane +
+                    (job.y_begin * job.stride_h + ry * job.dil_h) * job.row + sx * job.dil_w;
+        for (int64_t y = 0; y < rows; ++y) {
+          const T* __restrict src = col + y * job.out_w;
+          T* __restrict dst = target + y * job.stride_h * job.row;
+          if (job.stride_w == 1) {
+            int64_t x = 0;
+            for (; x + L <= job.out_w; x += L) {
+              S::store(dst + x, S::add(S::load(dst + x), S::load(src + x)));
+            }
+            if (x < job.out_w) {  // the row's last lanes add zero beyond its end
+              const int rest = static_cast<int>(job.out_w - x);
+              S::store(dst + x, S::add(S::load(dst + x), S::load_first(src + x, rest)));
+            }
+          } else {
+            for (int64_t x = 0; x < job.out_w; ++x) dst[x * job.stride_w] += src[x];
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward's first pass
 // ---------------------------------------------------------------------------------------------
 // Sum of x[0, n): kAcc vector accumulators over the lanes, then a fixed-order reduction (the
@@ -735,6 +773,7 @@ constexpr ConvKernels<T> make_kernels() {
           &direct_gemm<T>,
           &channel_gemm<T>,
           &weight_grad<T>,
+          &col2im<T>,
           &activation_grad_plane<T>};
 }
 

@@ -91,6 +91,26 @@ struct WeightGradJob {
   int64_t dw_ld;
 };
 
+// Scatter-add of a block of GEMM columns into one image (and group) of the input gradient
+// (col2im), in padded coordinates: for the whole output rows y in [y_begin, y_end), columns
+// x < out_w and every depth row (chan, ry, sx),
+//   dx[chan * plane + (y * stride_h + ry * dil_h) * row + x * stride_w + sx * dil_w]
+//     += cols[((chan * r + ry) * s + sx) * ld + (y - y_begin) * out_w + x].
+// dx is a zero-padded image (pad_top rows and pad_left columns before the real ones), so no
+// target needs a bounds check. With stride_w == 1 the rows run as whole vectors: x goes up to
+// round_up(out_w, lanes), which needs that many more columns in `row` (the extra lanes add
+// zero).
+template <typename T>
+struct Col2ImJob {
+  const T* cols;
+  int64_t ld;
+  int64_t y_begin, y_end, out_w;
+  int64_t chans, r, s;
+  int64_t stride_h, stride_w, dil_h, dil_w;
+  T* dx;
+  int64_t plane, row;
+};
+
 template <typename T>
 struct ConvKernels {
   int64_t nr;                    // pixels per B panel (pixel-vectorised kernels)
@@ -107,6 +127,7 @@ struct ConvKernels {
   void (*direct_gemm)(const DirectGemmJob<T>& job);
   void (*channel_gemm)(const DirectGemmJob<T>& job);
   void (*weight_grad)(const WeightGradJob<T>& job, T* workspace);
+  void (*col2im)(const Col2ImJob<T>& job);
   // One [oh, ow] plane of the backward's first pass: g = grad_output * act'(saved) stored
   // contiguously (row after row) to g; returns the sum of g (the plane's bias-gradient share).
   double (*activation_grad_plane)(Activation activation, T negative_slope, const T* grad_output,
