@@ -14,8 +14,10 @@
 //   written once per depth block, and for depth <= kKc exactly once. identity, relu and
 //   leaky_relu are vector code; the other activations run element-wise on the stored tile.
 // Weight gradient. Dot products along pixels: kDotM x kDotN vector accumulators, G rows read in
-//   place (zero-padded), X rows gathered for kPc pixels at a time. The accumulators stay
-//   lane-wise vectors across all images of the job and their lanes are added once at its end.
+//   place (zero-padded), X rows gathered into chunks of up to kPc pixels (several small
+//   images, or part of a large one), the accumulators held in registers over a whole chunk.
+//   They stay lane-wise vectors across all images of the job; their lanes are added once at
+//   its end.
 //   Each job owns a band of depth rows, so no reduction between threads is needed.
 // Numerics. Accumulation in T (float or double), fused multiply-add where the ISA has it (avx2,
 //   avx512), separate multiply and add in the base path. The depth sum of one output runs in
@@ -248,11 +250,12 @@ template <int64_t kFull, typename T>
 
 // Gathers B rows [d0, d0 + kc) for the pixels [p_begin, p_end) into panels of panel_width
 // columns: pixel p_begin + c goes to dst[(c / panel_width) * panel_stride + d * panel_width +
-// c % panel_width]; the last panel's columns beyond the pixels are zero. (One panel as wide as
-// the pixel range gives a plain row-major [kc][panel_width] block.)
+// c % panel_width]; in the last panel, the columns from the last pixel up to fill_width are
+// zero. (One panel wider than the pixel range gives a plain row-major block whose rows are
+// panel_width apart.)
 template <int64_t kFull, typename T>
 void pack_b(const Gather<T>& g, int64_t d0, int64_t kc, int64_t p_begin, int64_t p_end,
-            int64_t panel_width, int64_t panel_stride, T* dst) {
+            int64_t panel_width, int64_t panel_stride, int64_t fill_width, T* dst) {
   constexpr int64_t kMaxPieces = 64;
   Piece pieces[kMaxPieces];
   const int64_t rs = g.r * g.s;
@@ -319,10 +322,10 @@ void pack_b(const Gather<T>& g, int64_t d0, int64_t kc, int64_t p_begin, int64_t
     first = p;
   }
   const int64_t cols = p_end - p_begin, used = cols % panel_width;
-  if (used != 0) {
+  if (used != 0 && used < fill_width) {
     T* last = dst + cols / panel_width * panel_stride;
     for (int64_t d = 0; d < kc; ++d) {
-      std::fill(last + d * panel_width + used, last + (d + 1) * panel_width, T(0));
+      std::fill(last + d * panel_width + used, last + d * panel_width + fill_width, T(0));
     }
   }
 }
@@ -464,7 +467,7 @@ void gemm_impl(const GemmJob<T>& job, T* workspace) {
     for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
       const int64_t kc = std::min(kKc, job.depth - d0);
       const bool first = d0 == 0, last = d0 + kc == job.depth;
-      pack_b<nr>(job.b, d0, kc, pb, pe, nr, kc * nr, workspace);
+      pack_b<nr>(job.b, d0, kc, pb, pe, nr, kc * nr, nr, workspace);
       for (int64_t jp = 0; jp < panels; ++jp) {
         const int64_t p = pb + jp * nr;
         const int64_t cols = std::min(nr, pe - p);
@@ -603,25 +606,40 @@ void gemm(const GemmJob<T>& job, T* workspace) {
 // Weight gradient
 // ---------------------------------------------------------------------------------------------
 
-// Lane-wise dot products: vacc[(i * ld_acc + j) * kLanes + lane] += sum over t = lane (mod
-// kLanes) of a[i * lda + t] * b[j * ldb + t], t < len (a multiple of the vector width), for
-// i < MI, j < NJ. The accumulators stay vectors across calls (images and pixel chunks); their
-// lanes are added once, at the end of the job.
+// A run of one image's pixels in a weight-gradient chunk: G rows at g (row stride g_ld), the
+// matching X columns at column `col` of the packed chunk, len (a multiple of the vector width)
+// columns.
+template <typename T>
+struct DotSegment {
+  const T* g;
+  int64_t col, len;
+};
+
+// Lane-wise dot products over the segments of a chunk: vacc[(i * ld_acc + j) * kLanes + lane]
+// += sum over the segments and t = lane (mod kLanes) of g[(k0 + i) * g_ld + t] * x[(j0 + j) *
+// ldx + col + t], for i < MI, j < NJ. The accumulators stay in registers across the segments
+// (the images of the chunk) and in vacc across chunks; their lanes are added once, at the end
+// of the job.
 template <int MI, int NJ, typename T>
-void dot_tile(int64_t len, const T* __restrict a, int64_t lda, const T* __restrict b, int64_t ldb,
-              T* vacc, int64_t ld_acc) {
+void dot_tile(const DotSegment<T>* segments, int64_t count, int64_t g_ld, int64_t k0,
+              const T* __restrict x, int64_t ldx, int64_t j0, T* vacc, int64_t ld_acc) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
   V s[MI][NJ];
   for (int i = 0; i < MI; ++i)
     for (int j = 0; j < NJ; ++j) s[i][j] = S::load(vacc + (i * ld_acc + j) * L);
-  for (int64_t t = 0; t < len; t += L) {
-    V bj[NJ];
-    for (int j = 0; j < NJ; ++j) bj[j] = S::load(b + j * ldb + t);
-    for (int i = 0; i < MI; ++i) {
-      const V ai = S::load(a + i * lda + t);
-      for (int j = 0; j < NJ; ++j) s[i][j] = S::fma(ai, bj[j], s[i][j]);
+  for (int64_t seg = 0; seg < count; ++seg) {
+    const T* __restrict a = segments[seg].g + k0 * g_ld;
+    const T* __restrict b = x + j0 * ldx + segments[seg].col;
+    const int64_t len = segments[seg].len;
+    for (int64_t t = 0; t < len; t += L) {
+      V bj[NJ];
+      for (int j = 0; j < NJ; ++j) bj[j] = S::load(b + j * ldx + t);
+      for (int i = 0; i < MI; ++i) {
+        const V ai = S::load(a + i * g_ld + t);
+        for (int j = 0; j < NJ; ++j) s[i][j] = S::fma(ai, bj[j], s[i][j]);
+      }
     }
   }
   for (int i = 0; i < MI; ++i)
@@ -634,33 +652,43 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
   const int64_t rows = job.d_end - job.d_begin;
   std::vector<T> vacc(job.m * rows * L, T(0));  // [k][d][lane]
   const int64_t m_full = job.m / kDotM * kDotM, rows_full = rows / kDotN * kDotN;
+  // Chunks of up to kPc columns: several small images, or a part of a large one, so that the
+  // accumulators stay in registers over long runs.
+  constexpr int64_t kMaxSegments = kPc / L;
+  DotSegment<T> segments[kMaxSegments];
+  int64_t count = 0, width = 0;
+  const auto flush = [&] {
+    const auto tile = [&](auto mi, auto nj, int64_t k, int64_t j) {
+      dot_tile<decltype(mi)::value, decltype(nj)::value>(
+          segments, count, job.g_ld, k, workspace, kPc, j, vacc.data() + (k * rows + j) * L, rows);
+    };
+    using One = std::integral_constant<int, 1>;
+    using M = std::integral_constant<int, kDotM>;
+    using N = std::integral_constant<int, kDotN>;
+    for (int64_t k = 0; k < m_full; k += kDotM) {
+      for (int64_t j = 0; j < rows_full; j += kDotN) tile(M{}, N{}, k, j);
+      for (int64_t j = rows_full; j < rows; ++j) tile(M{}, One{}, k, j);
+    }
+    for (int64_t k = m_full; k < job.m; ++k) {
+      for (int64_t j = 0; j < rows_full; j += kDotN) tile(One{}, N{}, k, j);
+      for (int64_t j = rows_full; j < rows; ++j) tile(One{}, One{}, k, j);
+    }
+    count = width = 0;
+  };
   for (int64_t n = 0; n < job.num_images; ++n) {
     Gather<T> x = job.x;
     x.src += n * job.x_image_stride;
     const T* g = job.g + n * job.g_image_stride;
     for (int64_t p0 = 0; p0 < job.pixels; p0 += kPc) {
-      const int64_t count = std::min(kPc, job.pixels - p0);
-      const int64_t len = round_up(count, L);
-      pack_b<0>(x, job.d_begin, rows, p0, p0 + count, len, 0, workspace);
-      const T* gp = g + p0;
-      const auto tile = [&](auto mi, auto nj, int64_t k, int64_t j) {
-        dot_tile<decltype(mi)::value, decltype(nj)::value>(len, gp + k * job.g_ld, job.g_ld,
-                                                           workspace + j * len, len,
-                                                           vacc.data() + (k * rows + j) * L, rows);
-      };
-      using One = std::integral_constant<int, 1>;
-      using M = std::integral_constant<int, kDotM>;
-      using N = std::integral_constant<int, kDotN>;
-      for (int64_t k = 0; k < m_full; k += kDotM) {
-        for (int64_t j = 0; j < rows_full; j += kDotN) tile(M{}, N{}, k, j);
-        for (int64_t j = rows_full; j < rows; ++j) tile(M{}, One{}, k, j);
-      }
-      for (int64_t k = m_full; k < job.m; ++k) {
-        for (int64_t j = 0; j < rows_full; j += kDotN) tile(One{}, N{}, k, j);
-        for (int64_t j = rows_full; j < rows; ++j) tile(One{}, One{}, k, j);
-      }
+      const int64_t pixels = std::min(kPc, job.pixels - p0);
+      const int64_t len = round_up(pixels, L);
+      if (width + len > kPc) flush();
+      pack_b<0>(x, job.d_begin, rows, p0, p0 + pixels, kPc, 0, len, workspace + width);
+      segments[count++] = {g + p0, width, len};
+      width += len;
     }
   }
+  if (count > 0) flush();
   T* dw = job.dw + job.d_begin;
   for (int64_t k = 0; k < job.m; ++k) {
     for (int64_t j = 0; j < rows; ++j) {
