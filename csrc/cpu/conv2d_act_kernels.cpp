@@ -240,7 +240,14 @@ template <int64_t kFull, typename T>
   }
   for (int64_t j = 0; j < lo; ++j) o[j] = T(0);
   const T* s = row + x0;
-  if (step == 1) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
+  if (step == 1 && hi - lo >= L) {
+    // Whole vectors, the last one overlapping its predecessor (short runs are common: the
+    // output rows of small images).
+    for (int64_t j = lo; j + L < hi; j += L) S::store(o + j, S::load(s + j));
+    S::store(o + hi - L, S::load(s + hi - L));
+  } else if (step == 1) {
     for (int64_t j = lo; j < hi; ++j) o[j] = s[j];
   } else {
     for (int64_t j = lo; j < hi; ++j) o[j] = s[j * step];
