@@ -513,13 +513,14 @@ void direct_gemm(const DirectGemmJob<T>& job) {
 // channels (two vectors, A packed in blocks of kCh rows) by kPx pixels, each pixel's B value
 // broadcast from its own window (any column stride, and a tile may cross output rows), so no
 // lane is idle at any image width. Better than the pixel-vectorised kernel for narrow images
-// and deep sums; the epilogue transposes the tile through L1.
+// and deep sums; the accumulators hold the whole depth sum, and the epilogue transposes the
+// tile through L1 once.
 constexpr int64_t kPx = 6;
 
 template <typename T, Activation A>
-void channel_tile(int64_t kc, const T* __restrict a, const T* const* bases,
+void channel_tile(const T* __restrict a_packed, int64_t m_pad, int64_t depth, const T* const* bases,
                   const int64_t* __restrict offsets, const Epilogue<T>& e, int64_t i0, int64_t rows,
-                  int64_t p, int64_t cols, bool first, bool last) {
+                  int64_t p, int64_t cols) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
@@ -532,18 +533,25 @@ void channel_tile(int64_t kc, const T* __restrict a, const T* const* bases,
   V acc[kPx][2];
 #pragma GCC unroll 8
   for (int j = 0; j < kPx; ++j) acc[j][0] = acc[j][1] = S::zero();
-  for (int64_t d = 0; d < kc; ++d) {
-    const int64_t off = offsets[d];
-    const V a0 = S::load(a);
-    const V a1 = S::load(a + L);
-    const T* const b[kPx] = {b0, b1, b2, b3, b4, b5};
+  // The whole depth in registers: packed A's depth blocks one after another (the next block's
+  // rows of this tile start at d0 * m_pad + i0 * kc), so the tile is stored once.
+  for (int64_t d0 = 0; d0 < depth; d0 += kKc) {
+    const int64_t kc = std::min(kKc, depth - d0);
+    const T* a = a_packed + d0 * m_pad + i0 * kc;
+    const int64_t* off_block = offsets + d0;
+    for (int64_t d = 0; d < kc; ++d) {
+      const int64_t off = off_block[d];
+      const V a0 = S::load(a);
+      const V a1 = S::load(a + L);
+      const T* const b[kPx] = {b0, b1, b2, b3, b4, b5};
 #pragma GCC unroll 8
-    for (int j = 0; j < kPx; ++j) {
-      const V bj = S::broadcast(b[j][off]);
-      acc[j][0] = S::fma(a0, bj, acc[j][0]);
-      acc[j][1] = S::fma(a1, bj, acc[j][1]);
+      for (int j = 0; j < kPx; ++j) {
+        const V bj = S::broadcast(b[j][off]);
+        acc[j][0] = S::fma(a0, bj, acc[j][0]);
+        acc[j][1] = S::fma(a1, bj, acc[j][1]);
+      }
+      a += 2 * L;
     }
-    a += 2 * L;
   }
   alignas(64) T tile[kPx][2 * L];
 #pragma GCC unroll 8
@@ -553,14 +561,10 @@ void channel_tile(int64_t kc, const T* __restrict a, const T* const* bases,
   }
   for (int64_t i = 0; i < rows; ++i) {
     T* o = e.out + (i0 + i) * e.ld + p;
-    if (!last) {
-      for (int64_t j = 0; j < cols; ++j) o[j] = first ? tile[j][i] : o[j] + tile[j][i];
-      continue;
-    }
     const T bias = e.bias != nullptr ? e.bias[i0 + i] : T(0);
     T* pre = e.preact != nullptr ? e.preact + (i0 + i) * e.ld + p : nullptr;
     for (int64_t j = 0; j < cols; ++j) {
-      const T z = (first ? tile[j][i] : o[j] + tile[j][i]) + bias;
+      const T z = tile[j][i] + bias;
       if (pre != nullptr) pre[j] = z;
       o[j] = act::forward<A, T>(z, e.negative_slope);
     }
@@ -586,13 +590,9 @@ void channel_gemm_impl(const DirectGemmJob<T>& job) {
         bases[j] = bases[0];  // a valid address; the column is not stored
       }
     }
-    for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
-      const int64_t kc = std::min(kKc, job.depth - d0);
-      for (int64_t i0 = 0; i0 < job.m; i0 += ch) {
-        channel_tile<T, A>(kc, job.a_packed + d0 * m_pad + i0 * kc, bases, job.offsets + d0,
-                           job.epilogue, i0, std::min(ch, job.m - i0), p, cols, d0 == 0,
-                           d0 + kc == job.depth);
-      }
+    for (int64_t i0 = 0; i0 < job.m; i0 += ch) {
+      channel_tile<T, A>(job.a_packed, m_pad, job.depth, bases, job.offsets, job.epilogue, i0,
+                         std::min(ch, job.m - i0), p, cols);
     }
   }
 }
