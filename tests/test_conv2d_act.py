@@ -175,8 +175,18 @@ def test_gaussian_inputs_and_larger_layers(device, activation):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_float64(device, activation):
     gen = torch.Generator().manual_seed(3)
-    for stride, padding, dilation, groups in [(1, 1, 1, 1), (2, 0, 2, 2), (1, "same", 1, 4)]:
-        x = torch.randn(1, 4, 6, 5, generator=gen, dtype=torch.float64).to(device)
+    # The CPU input gradient's three paths: the direct convolution of the padded gradient
+    # (unit strides, little border), gathered panels (strided, fewer than 4 image-group jobs),
+    # and columns + col2im (strided or mostly border, at least 4 jobs: the last two cases).
+    cases = [
+        (1, 1, 1, 1, 1),
+        (2, 0, 2, 2, 1),
+        (1, "same", 1, 4, 1),
+        (2, 1, 1, 2, 2),
+        (1, 0, 1, 1, 4),
+    ]
+    for stride, padding, dilation, groups, batch in cases:
+        x = torch.randn(batch, 4, 6, 5, generator=gen, dtype=torch.float64).to(device)
         weight = torch.randn(4, 4 // groups, 3, 3, generator=gen, dtype=torch.float64)
         bias = torch.randn(4, generator=gen, dtype=torch.float64).to(device)
         args = [t.requires_grad_() for t in (x, weight.to(device), bias)]
