@@ -106,20 +106,23 @@ bool prefer_channel_tiles(const ConvKernels<T>& k, int64_t m, int64_t depth, int
 // Calls fn(n, g, p_begin, p_end, workspace) for every (image, group, pixel block) of a problem
 // with `pixels` output pixels per image, the blocks spread over the threads. Each thread gets
 // `workspace` elements of scratch (0 for the direct kernels, which read the image in place).
+// row > 0: blocks hold whole output rows of `row` pixels (the pixel-vectorised kernel's tiles
+// never cross a row, so a block boundary inside one would split a tile in two).
 template <typename T, typename Fn>
 void for_each_gemm_job(const ConvKernels<T>& k, int64_t images, int64_t groups, int64_t pixels,
-                       int64_t workspace_size, const Fn& fn) {
-  const int64_t panels = ceil_div(pixels, k.nr);
+                       int64_t workspace_size, int64_t row, const Fn& fn) {
+  const int64_t units = row > 0 ? pixels / row : ceil_div(pixels, k.nr);
+  const int64_t unit = row > 0 ? row : k.nr;
   const int64_t per_image = images * groups;
-  int64_t blocks = ceil_div(panels, 8);
+  int64_t blocks = std::min(units, ceil_div(pixels, 8 * k.nr));
   const int64_t wanted = 4 * at::get_num_threads();
-  if (per_image * blocks < wanted) blocks = std::min(panels, ceil_div(wanted, per_image));
+  if (per_image * blocks < wanted) blocks = std::min(units, ceil_div(wanted, per_image));
   at::parallel_for(0, per_image * blocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<T> workspace(workspace_size);
     for (int64_t job_index = lo; job_index < hi; ++job_index) {
       const int64_t blk = job_index % blocks, ng = job_index / blocks;
-      const int64_t p_begin = blk * panels / blocks * k.nr;
-      const int64_t p_end = std::min(pixels, (blk + 1) * panels / blocks * k.nr);
+      const int64_t p_begin = blk * units / blocks * unit;
+      const int64_t p_end = std::min(pixels, (blk + 1) * units / blocks * unit);
       if (p_begin < p_end) fn(ng / groups, ng % groups, p_begin, p_end, workspace.data());
     }
   });
@@ -243,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Te
                    p.pad_bottom, p.pad_left, p.pad_right, k.nr, input.options());
     const std::vector<int64_t> offsets = window_offsets(cg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
     const T* xp = padded.data_ptr<T>();
-    for_each_gemm_job(k, p.n, p.groups, pixels, 0,
+    for_each_gemm_job(k, p.n, p.groups, pixels, 0, channels ? 0 : p.ow,
                       [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T*) {
                         const DirectGemmJob<T> job{packed.data_ptr<T>() + g * packed_size,
                                                    kg,
@@ -434,7 +437,7 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
                    ext_h - p.pad_bottom, left, ext_w - p.pad_right, k.nr, grad_input.options());
     const std::vector<int64_t> offsets = window_offsets(kg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
     const T* gp = padded.data_ptr<T>();
-    for_each_gemm_job(k, p.n, p.groups, pixels, 0,
+    for_each_gemm_job(k, p.n, p.groups, pixels, 0, channels ? 0 : p.w,
                       [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T*) {
                         const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
                                                    cg,
@@ -451,7 +454,7 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
                       });
     return;
   }
-  for_each_gemm_job(k, p.n, p.groups, pixels, k.workspace,
+  for_each_gemm_job(k, p.n, p.groups, pixels, k.workspace, 0,
                     [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T* workspace) {
                       GemmJob<T> job{};
                       job.a_packed = packed.data_ptr<T>() + grp * packed_size;
