@@ -222,14 +222,10 @@ struct Piece {
 };
 
 // Copies source columns x0 + j * step (j < len; only those in [0, width) exist, the others
-// are zero) from `row` to o. kFull > 0: a compile-time length for the common full piece.
-template <int64_t kFull, typename T>
+// are zero) from `row` to o.
+template <typename T>
 [[gnu::always_inline]] inline void gather_columns(const T* row, int64_t x0, int64_t step,
                                                   int64_t width, int64_t len, T* o) {
-  if (kFull > 0 && step == 1 && len == kFull && x0 >= 0 && x0 + kFull <= width) {
-    std::memcpy(o, row + x0, sizeof(T) * kFull);
-    return;
-  }
   int64_t lo, hi;  // valid j: [lo, hi)
   if (step == 1) {
     lo = std::clamp<int64_t>(-x0, 0, len);
@@ -260,7 +256,7 @@ template <int64_t kFull, typename T>
 // c % panel_width]; in the last panel, the columns from the last pixel up to fill_width are
 // zero. (One panel wider than the pixel range gives a plain row-major block whose rows are
 // panel_width apart.)
-template <int64_t kFull, typename T>
+template <typename T>
 void pack_b(const Gather<T>& g, int64_t d0, int64_t kc, int64_t p_begin, int64_t p_end,
             int64_t panel_width, int64_t panel_stride, int64_t fill_width, T* dst) {
   constexpr int64_t kMaxPieces = 64;
@@ -303,7 +299,7 @@ void pack_b(const Gather<T>& g, int64_t d0, int64_t kc, int64_t p_begin, int64_t
         const int64_t sx0 = piece.x * g.ax + ox;  // source column of o[0], times qx
         if (g.qx == 1) {
           if (g.stride_x == 1) {
-            gather_columns<kFull>(row, sx0, g.ax, g.src_w, piece.len, o);
+            gather_columns(row, sx0, g.ax, g.src_w, piece.len, o);
           } else {
             for (int64_t j = 0; j < piece.len; ++j) {
               const int64_t c = sx0 + j * g.ax;
@@ -474,7 +470,7 @@ void gemm_impl(const GemmJob<T>& job, T* workspace) {
     for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
       const int64_t kc = std::min(kKc, job.depth - d0);
       const bool first = d0 == 0, last = d0 + kc == job.depth;
-      pack_b<nr>(job.b, d0, kc, pb, pe, nr, kc * nr, nr, workspace);
+      pack_b(job.b, d0, kc, pb, pe, nr, kc * nr, nr, workspace);
       for (int64_t jp = 0; jp < panels; ++jp) {
         const int64_t p = pb + jp * nr;
         const int64_t cols = std::min(nr, pe - p);
@@ -690,7 +686,7 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
       const int64_t pixels = std::min(kPc, job.pixels - p0);
       const int64_t len = round_up(pixels, L);
       if (width + len > kPc) flush();
-      pack_b<0>(x, job.d_begin, rows, p0, p0 + pixels, kPc, 0, len, workspace + width);
+      pack_b(x, job.d_begin, rows, p0, p0 + pixels, kPc, 0, len, workspace + width);
       segments[count++] = {g + p0, width, len};
       width += len;
     }
