@@ -54,6 +54,7 @@ bench: $(INSTALL_STAMP)
 	$(PY) bench/bench_optim.py
 	$(PY) bench/bench_conv.py
 	$(PY) bench/bench_loss.py
+	$(PY) bench/bench_pool.py
 	$(PY) bench/bench_train.py
 
 # The CPU kernels built with AddressSanitizer and UndefinedBehaviorSanitizer (every report is

@@ -72,6 +72,11 @@ for dtype in float32 bfloat16; do
     | tee "$OUT/gpu_bench_loss_$dtype.log" | tail -6
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
+for dtype in float32 bfloat16; do
+  $PY bench/bench_pool.py --device cuda --dtype "$dtype" --no-compile --quick 2>&1 \
+    | tee "$OUT/gpu_bench_pool_$dtype.log" | tail -8
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
 $PY bench/bench_train.py --device cuda --quick 2>&1 | tee "$OUT/gpu_bench_train.log" | tail -4
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

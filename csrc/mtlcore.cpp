@@ -32,6 +32,19 @@ TORCH_LIBRARY(mtlcore, m) {
       "int[] stride, int[] padding, int[] dilation, int groups, str activation, "
       "float negative_slope, bool[3] output_mask) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode) without indices
+  // (common/max_pool2d_args.h): NaN propagates; the output is channels_last when input is,
+  // contiguous NCHW otherwise. Pairs (height, width); padding is at most half the kernel.
+  m.def(
+      "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> Tensor");
+  // Gradient of max_pool2d: each window's grad_output goes to the element F.max_pool2d's
+  // indices would name (the first maximum, or the last NaN), found again from input (no
+  // indices are saved); overlapping windows add up in window order. grad_input has input's
+  // shape and the forward output's layout.
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor input, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
   // All T task losses of a multi-task model in one call (kinds: ce, bce, mse, l1; see
   // common/multitask_loss_args.h): per_task[i] is task i's mean loss over its valid elements
   // (0 when it has none) and total = sum_i w_i L_i + sum_ij R_ij L_i L_j (weights default to

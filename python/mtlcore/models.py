@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlcore.nn.conv import Conv2dAct
+from mtlcore.nn.pool import MaxPool2d
 
 __all__ = ["SmallCNN"]
 
@@ -13,11 +14,13 @@ __all__ = ["SmallCNN"]
 class SmallCNN(nn.Module):
     """The trunk of the classic Keras CIFAR-10 example: conv32 - relu - maxpool - conv64 -
     relu - maxpool - flatten - dense128 - relu, with each conv + relu one fused
-    :class:`~mtlcore.nn.Conv2dAct` (3x3, padding 1).
+    :class:`~mtlcore.nn.Conv2dAct` (3x3, padding 1) and each 2x2 max-pool
+    :class:`~mtlcore.nn.MaxPool2d`.
 
     ``forward(x) -> [B, 128]``; ``features(x) -> (feature map [B, 64, H/4, W/4], vector)`` for
     per-pixel heads. ``fused=False`` builds the same network from ``nn.Conv2d`` + ``nn.ReLU``
-    (the plain-PyTorch baseline; same parameter names, so state_dicts move between the two).
+    + ``nn.MaxPool2d`` (the plain-PyTorch baseline; same parameter names, so state_dicts move
+    between the two).
     """
 
     def __init__(
@@ -35,7 +38,7 @@ class SmallCNN(nn.Module):
         self.fused = fused
         self.conv1 = conv(in_channels, 32)
         self.conv2 = conv(32, 64)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2d(2) if fused else nn.MaxPool2d(2)
         side = image_size // 4
         self.fc = nn.Linear(64 * side * side, features)
         self.map_channels = 64

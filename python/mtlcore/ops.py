@@ -8,13 +8,22 @@ it) and, for differentiable ops, its autograd registration.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-__all__ = ["ACTIVATIONS", "LOSS_KINDS", "adam_", "conv2d_act", "multitask_loss", "sgd_"]
+__all__ = [
+    "ACTIVATIONS",
+    "LOSS_KINDS",
+    "adam_",
+    "conv2d_act",
+    "max_pool2d",
+    "multitask_loss",
+    "sgd_",
+]
 
 
 def as_float(name: str, value: float | Tensor) -> float:
@@ -422,6 +431,118 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "mtlcore::conv2d_act_with_preact", _conv2d_act_backward, setup_context=_conv2d_act_setup
+)
+
+
+# --------------------------------------------------------------------------------------------
+# max_pool2d
+# --------------------------------------------------------------------------------------------
+
+
+def _pool_pair(name: str, value: int | Sequence[int]) -> list[int]:
+    pair = _pair(value)
+    try:
+        if len(pair) != 2 or any(isinstance(v, bool) for v in pair):
+            raise TypeError
+        return [operator.index(v) for v in pair]
+    except TypeError:
+        raise ValueError(
+            f"mtlcore.max_pool2d: {name} must be an int or a pair of ints, got {value!r}"
+        ) from None
+
+
+def max_pool2d(
+    input: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """``F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)`` (without
+    ``return_indices``) on our own kernels.
+
+    The same values and gradients as PyTorch: NaN propagates, a window's gradient goes to its
+    first maximum (its last NaN), padding never wins. The backward finds each window's maximum
+    again from the input instead of keeping an int64 index per output element, so the memory
+    kept for backward is the input alone (the tensor the preceding ``conv2d_act`` keeps
+    anyway, when it feeds the pool).
+
+    Args:
+        input: ``[N, C, H, W]`` or ``[C, H, W]``, any strides.
+        kernel_size, stride (default: kernel_size), padding (at most half the kernel),
+        dilation: int or pair.
+        ceil_mode: round the output size up, as ``F.max_pool2d``.
+
+    Returns channels_last when ``input`` is channels_last, contiguous NCHW otherwise. dtypes:
+    float32, float64, float16, bfloat16 on CPU and CUDA (the maximum is exact in any dtype).
+    """
+    kernel = _pool_pair("kernel_size", kernel_size)
+    args = (
+        kernel,
+        _pool_pair("stride", stride if stride is not None else kernel),
+        _pool_pair("padding", padding),
+        _pool_pair("dilation", dilation),
+        bool(ceil_mode),
+    )
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    try:
+        out = torch.ops.mtlcore.max_pool2d(x, *args)
+    except NotImplementedError as e:
+        raise_for_layout("max_pool2d", e, input=input)
+        raise
+    return out.squeeze(0) if unbatched else out
+
+
+def _pool_output_size(size, k, s, p, d, ceil_mode):
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _pool_like(input: Tensor, rows, cols) -> Tensor:
+    """A new tensor of the layout the max_pool2d kernels give (common/max_pool2d_args.h)."""
+    out = input.new_empty((input.shape[0], input.shape[1], rows, cols))
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@torch.library.register_fake("mtlcore::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    torch._check(input.dim() == 4, lambda: "mtlcore.max_pool2d: input must be 4-d")
+    rows, cols = (
+        _pool_output_size(
+            input.shape[2 + i], kernel_size[i], stride[i], padding[i], dilation[i], ceil_mode
+        )
+        for i in range(2)
+    )
+    return _pool_like(input, rows, cols)
+
+
+@torch.library.register_fake("mtlcore::max_pool2d_backward")
+def _max_pool2d_backward_fake(
+    grad_output, input, kernel_size, stride, padding, dilation, ceil_mode
+):
+    return _pool_like(input, input.shape[2], input.shape[3])
+
+
+def _max_pool2d_setup(ctx, inputs, output) -> None:
+    input, *ctx.pool = inputs
+    ctx.save_for_backward(input)
+
+
+def _max_pool2d_backward(ctx, grad_output):
+    (input,) = ctx.saved_tensors
+    grad = torch.ops.mtlcore.max_pool2d_backward(grad_output, input, *ctx.pool)
+    return (grad,) + (None,) * 5
+
+
+torch.library.register_autograd(
+    "mtlcore::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup
 )
 
 

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
-__all__ = ["adam_", "apply_activation", "conv2d_act", "multitask_loss", "sgd_"]
+__all__ = ["adam_", "apply_activation", "conv2d_act", "max_pool2d", "multitask_loss", "sgd_"]
 
 
 def _skip(found_inf: Tensor | None) -> bool:
@@ -143,6 +144,57 @@ def conv2d_act(
     (differentiable through autograd)."""
     z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return apply_activation(z, activation, negative_slope)
+
+
+def _pool_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """F.max_pool2d's output size along one dimension."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def max_pool2d(
+    input: Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """Max pooling written out with ``unfold``: every window's values side by side, and the
+    element :func:`mtlcore.ops.max_pool2d` selects picked with ``gather`` (differentiable, so
+    each window's gradient reaches that element): among the window's elements inside the
+    input, the last NaN if there is one, otherwise the first maximum."""
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride if stride is not None else kernel_size)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    n, c, h, w = input.shape
+    oh = _pool_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = _pool_size(w, kw, sw, pw, dw, ceil_mode)
+    # Pad to every window's full extent (ceil_mode windows may reach past the padding).
+    extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
+    extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
+    pads = (pw, pw + extra_w, ph, ph + extra_h)
+    x = F.pad(input, pads, value=-math.inf)
+    valid = F.pad(torch.ones_like(input, dtype=torch.bool), pads, value=False)
+
+    def windows(t: Tensor) -> Tensor:  # [N, C, OH * OW, kh * kw]
+        u = t.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh].unfold(3, dw * (kw - 1) + 1, sw)
+        u = u[..., ::dw][:, :, :oh, :ow]
+        return u.reshape(n, c, oh * ow, kh * kw)
+
+    vals, ok = windows(x), windows(valid)
+    nan = torch.isnan(vals) & ok
+    last_nan = (kh * kw - 1) - nan.flip(-1).int().argmax(-1)
+    finite = torch.where(ok & ~nan, vals, torch.full_like(vals, -math.inf))
+    best = finite.max(-1, keepdim=True).values
+    first_max = ((finite == best) & ok).int().argmax(-1)
+    index = torch.where(nan.any(-1), last_nan, first_max)
+    out = vals.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return out.reshape(n, c, oh, ow)
 
 
 def task_loss(

@@ -1,0 +1,473 @@
+// Loops of mtlcore.max_pool2d on the CPU (see max_pool2d_kernels.h), compiled once per
+// instruction set (MTLCORE_ISA = base, avx2 or avx512).
+//
+// Data layout. NCHW: one plane (n, c) per unit; input read through its strides, output and
+//   grad_input planes contiguous. channels_last: the channels of a pixel are contiguous in the
+//   input, output and grad_input, and the loops run over them innermost (unit stride, so they
+//   vectorise).
+// Parallel split. None here: csrc/cpu/max_pool2d.cpp spreads the units over the threads. Every
+//   output and grad_input element belongs to one unit, so no two threads write the same memory.
+// Numerics. Maxima are chosen by comparing in float (double for double); the stored maximum is
+//   the input element itself. A window's choice (common/max_pool2d_args.h): its valid elements
+//   in row-major order, the first one replaced by each later v with v > max or v NaN. The
+//   backward finds that choice again from the input and adds the window's gradient there, in
+//   window order, in float (double for double), rounding once to the dtype; an element chosen
+//   by no window gets +0. A window with no element inside the input gives -inf and no gradient.
+//   The 2x2, stride-2 case without padding (the common one) has its own
+//   loops over whole rows of windows.
+#include "cpu/max_pool2d_kernels.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(MTLCORE_ISA_AVX2) || defined(MTLCORE_ISA_AVX512)
+#include <immintrin.h>
+#endif
+
+#ifndef MTLCORE_ISA
+#error "compile this file with -DMTLCORE_ISA=<isa namespace>"
+#endif
+
+#define MTLCORE_INLINE inline __attribute__((always_inline))
+
+namespace mtlcore::cpu::MTLCORE_ISA {
+
+namespace {
+
+// Math type of a dtype: double for double, float otherwise.
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+MTLCORE_INLINE Acc<T> ld(const T* p) {
+  return static_cast<Acc<T>>(*p);
+}
+
+// Whether v replaces the running maximum m (F.max_pool2d's rule: larger, or NaN).
+// (| rather than ||: no branch, so the loops vectorise.)
+template <typename A>
+MTLCORE_INLINE bool takes(A v, A m) {
+  return (v > m) | (v != v);
+}
+
+// v where c holds, +0 elsewhere, by masking the bits: a select here would become a masked
+// store, which GCC cannot vectorise for the interleaved stores of the 2x2 backward.
+MTLCORE_INLINE float keep_if(bool c, float v) {
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(v) & (0u - static_cast<uint32_t>(c)));
+}
+MTLCORE_INLINE double keep_if(bool c, double v) {
+  return std::bit_cast<double>(std::bit_cast<uint64_t>(v) & (0ull - static_cast<uint64_t>(c)));
+}
+
+// The taps t < k of window o whose coordinate o * s - p + t * d lies in [0, size): [lo, hi).
+struct Taps {
+  int64_t lo, hi;
+};
+MTLCORE_INLINE Taps taps(int64_t o, int64_t s, int64_t p, int64_t d, int64_t k, int64_t size) {
+  const int64_t start = o * s - p;
+  const int64_t lo = start < 0 ? (-start + d - 1) / d : 0;
+  const int64_t hi = start >= size ? 0 : std::min(k, (size - start + d - 1) / d);
+  return {lo, std::max(lo, hi)};
+}
+
+// The 2x2, stride-2 windows without padding or dilation, all inside the input, on a unit-stride
+// input row: the fast loops apply.
+bool is_2x2(const PoolJob& j) {
+  return j.kh == 2 && j.kw == 2 && j.sh == 2 && j.sw == 2 && j.ph == 0 && j.pw == 0 && j.dh == 1 &&
+         j.dw == 1 && 2 * j.oh <= j.h && 2 * j.ow <= j.w;
+}
+
+#if defined(MTLCORE_ISA_AVX2) || defined(MTLCORE_ISA_AVX512)
+// Vector blocks of the 2x2 stride-2 loops for float: L consecutive windows of rows r0 and r1
+// (2L floats each), L = 8 (AVX) or 4 (SSE). The even and odd columns are split with
+// shuffle_ps, which for L = 8 leaves the windows in the order 0 1 4 5 | 2 3 6 7 (in order for
+// L = 4): per-window values (g, the maxima) are permuted the same way, and unpacklo/unpackhi
+// interleave per-column results back into column order.
+struct Vec8 {
+  using V = __m256;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V even(V lo, V hi) { return _mm256_shuffle_ps(lo, hi, 0x88); }
+  static V odd(V lo, V hi) { return _mm256_shuffle_ps(lo, hi, 0xdd); }
+  // Swaps the middle 64-bit pairs: window order <-> the order even() and odd() give.
+  static V swap_pairs(V v) {
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xd8));
+  }
+  static V unpacklo(V a, V b) { return _mm256_unpacklo_ps(a, b); }
+  static V unpackhi(V a, V b) { return _mm256_unpackhi_ps(a, b); }
+  static V takes(V v, V m) {
+    return _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  static V blend(V a, V b, V mask) { return _mm256_blendv_ps(a, b, mask); }
+  static V and_(V a, V b) { return _mm256_and_ps(a, b); }
+  static V andnot(V a, V b) { return _mm256_andnot_ps(a, b); }
+  static V or_(V a, V b) { return _mm256_or_ps(a, b); }
+  static V plus_zero(V v) { return _mm256_add_ps(_mm256_setzero_ps(), v); }
+};
+struct Vec4 {
+  using V = __m128;
+  static V load(const float* p) { return _mm_loadu_ps(p); }
+  static void store(float* p, V v) { _mm_storeu_ps(p, v); }
+  static V even(V lo, V hi) { return _mm_shuffle_ps(lo, hi, 0x88); }
+  static V odd(V lo, V hi) { return _mm_shuffle_ps(lo, hi, 0xdd); }
+  static V swap_pairs(V v) { return v; }
+  static V unpacklo(V a, V b) { return _mm_unpacklo_ps(a, b); }
+  static V unpackhi(V a, V b) { return _mm_unpackhi_ps(a, b); }
+  static V takes(V v, V m) {
+    return _mm_or_ps(_mm_cmp_ps(v, m, _CMP_GT_OQ), _mm_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  static V blend(V a, V b, V mask) { return _mm_blendv_ps(a, b, mask); }
+  static V and_(V a, V b) { return _mm_and_ps(a, b); }
+  static V andnot(V a, V b) { return _mm_andnot_ps(a, b); }
+  static V or_(V a, V b) { return _mm_or_ps(a, b); }
+  static V plus_zero(V v) { return _mm_add_ps(_mm_setzero_ps(), v); }
+};
+
+// The four corners a b / c d of L windows and the choice flags (all ones where chosen).
+template <typename X>
+struct Windows2x2 {
+  typename X::V a, b, c, d, tb, tc, td, m;
+  MTLCORE_INLINE Windows2x2(const float* r0, const float* r1, int lanes) {
+    const auto r0a = X::load(r0), r0b = X::load(r0 + lanes);
+    const auto r1a = X::load(r1), r1b = X::load(r1 + lanes);
+    a = X::even(r0a, r0b), b = X::odd(r0a, r0b), c = X::even(r1a, r1b), d = X::odd(r1a, r1b);
+    tb = X::takes(b, a);
+    const auto mb = X::blend(a, b, tb);
+    tc = X::takes(c, mb);
+    const auto mc = X::blend(mb, c, tc);
+    td = X::takes(d, mc);
+    m = X::blend(mc, d, td);
+  }
+};
+
+template <typename X, int L>
+MTLCORE_INLINE void forward_2x2_block(const float* r0, const float* r1, float* y) {
+  const Windows2x2<X> win(r0, r1, L);
+  X::store(y, X::swap_pairs(win.m));
+}
+
+template <typename X, int L>
+MTLCORE_INLINE void backward_2x2_block(const float* r0, const float* r1, const float* g, float* g0,
+                                       float* g1) {
+  const Windows2x2<X> win(r0, r1, L);
+  const auto gv = X::plus_zero(X::swap_pairs(X::load(g)));  // +0 for -0, as a sum from +0
+  // d if td, else c if tc, else b if tb, else a.
+  const auto gd = X::and_(win.td, gv);
+  const auto gc = X::and_(X::andnot(win.td, win.tc), gv);
+  const auto gb = X::and_(X::andnot(X::or_(win.tc, win.td), win.tb), gv);
+  const auto ga = X::andnot(X::or_(win.tb, X::or_(win.tc, win.td)), gv);
+  X::store(g0, X::unpacklo(ga, gb));
+  X::store(g0 + L, X::unpackhi(ga, gb));
+  X::store(g1, X::unpacklo(gc, gd));
+  X::store(g1 + L, X::unpackhi(gc, gd));
+}
+
+// Runs block(ow) over blocks of L windows covering [0, ow_end) (the last block overlapping
+// the one before: blocks only store, so repeating a window is harmless); returns the first
+// window left to the scalar loop (ow_end, or 0 when the row is too short for a block).
+template <int L, typename Block>
+MTLCORE_INLINE int64_t vector_blocks(int64_t ow_end, const Block& block) {
+  if (ow_end < L) return 0;
+  for (int64_t ow = 0; ow + L <= ow_end; ow += L) block(ow);
+  if (ow_end % L != 0) block(ow_end - L);
+  return ow_end;
+}
+
+// The float 2x2 row loops' vector part: AVX blocks of 8 windows, or SSE blocks of 4 for rows
+// of 4 to 7 windows.
+template <typename Fwd8, typename Fwd4>
+MTLCORE_INLINE int64_t float_blocks(int64_t ow_end, const Fwd8& f8, const Fwd4& f4) {
+  return ow_end >= 8 ? vector_blocks<8>(ow_end, f8) : vector_blocks<4>(ow_end, f4);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// NCHW
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void forward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
+  using A = Acc<T>;
+  const bool fast = is_2x2(j) && j.xs[3] == 1;
+  for (int64_t plane = begin; plane < end; ++plane) {
+    const T* x = static_cast<const T*>(j.x) + (plane / j.c) * j.xs[0] + (plane % j.c) * j.xs[1];
+    T* y = static_cast<T*>(j.out) + plane * j.oh * j.ow;
+    for (int64_t oh = 0; oh < j.oh; ++oh) {
+      T* yr = y + oh * j.ow;
+      if (fast) {
+        const T* r0 = x + 2 * oh * j.xs[2];
+        const T* r1 = r0 + j.xs[2];
+        int64_t ow = 0;
+#if defined(MTLCORE_ISA_AVX2) || defined(MTLCORE_ISA_AVX512)
+        if constexpr (std::is_same_v<T, float>) {
+          ow = float_blocks(
+              j.ow, [&](int64_t o) { forward_2x2_block<Vec8, 8>(r0 + 2 * o, r1 + 2 * o, yr + o); },
+              [&](int64_t o) { forward_2x2_block<Vec4, 4>(r0 + 2 * o, r1 + 2 * o, yr + o); });
+        }
+#endif
+        for (; ow < j.ow; ++ow) {
+          A m = ld(r0 + 2 * ow);
+          const A b = ld(r0 + 2 * ow + 1), c = ld(r1 + 2 * ow), d = ld(r1 + 2 * ow + 1);
+          m = takes(b, m) ? b : m;
+          m = takes(c, m) ? c : m;
+          m = takes(d, m) ? d : m;
+          yr[ow] = static_cast<T>(m);
+        }
+        continue;
+      }
+      const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
+      const int64_t ih0 = oh * j.sh - j.ph;
+      for (int64_t ow = 0; ow < j.ow; ++ow) {
+        const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
+        const int64_t iw0 = ow * j.sw - j.pw;
+        if (ti.lo == ti.hi || tj.lo == tj.hi) {
+          yr[ow] = static_cast<T>(-std::numeric_limits<A>::infinity());
+          continue;
+        }
+        A m = ld(x + (ih0 + ti.lo * j.dh) * j.xs[2] + (iw0 + tj.lo * j.dw) * j.xs[3]);
+        for (int64_t i = ti.lo; i < ti.hi; ++i) {
+          const T* row = x + (ih0 + i * j.dh) * j.xs[2];
+          for (int64_t t = tj.lo; t < tj.hi; ++t) {
+            const A v = ld(row + (iw0 + t * j.dw) * j.xs[3]);
+            m = takes(v, m) ? v : m;
+          }
+        }
+        yr[ow] = static_cast<T>(m);
+      }
+    }
+  }
+}
+
+// grad_input of one plane for 2x2 stride-2 windows: each input element is in at most one window,
+// so its gradient is written once (no accumulation); rows and columns outside every window
+// get zero.
+template <typename T>
+void backward_plane_2x2(const PoolJob& j, const T* x, const T* go, T* gi) {
+  using A = Acc<T>;
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < static_cast<size_t>(j.ow)) buffer.resize(static_cast<size_t>(j.ow));
+  T* row = buffer.data();
+  for (int64_t oh = 0; oh < j.oh; ++oh) {
+    const T* r0 = x + 2 * oh * j.xs[2];
+    const T* r1 = r0 + j.xs[2];
+    const T* g = go + oh * j.gs[2];
+    if (j.gs[3] != 1) {  // a unit-stride copy of the row, so the loop below vectorises
+      for (int64_t ow = 0; ow < j.ow; ++ow) row[ow] = go[oh * j.gs[2] + ow * j.gs[3]];
+      g = row;
+    }
+    T* g0 = gi + 2 * oh * j.w;
+    T* g1 = g0 + j.w;
+    int64_t ow = 0;
+#if defined(MTLCORE_ISA_AVX2) || defined(MTLCORE_ISA_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      ow = float_blocks(
+          j.ow,
+          [&](int64_t o) {
+            backward_2x2_block<Vec8, 8>(r0 + 2 * o, r1 + 2 * o, g + o, g0 + 2 * o, g1 + 2 * o);
+          },
+          [&](int64_t o) {
+            backward_2x2_block<Vec4, 4>(r0 + 2 * o, r1 + 2 * o, g + o, g0 + 2 * o, g1 + 2 * o);
+          });
+    }
+#endif
+    for (; ow < j.ow; ++ow) {
+      const A a = ld(r0 + 2 * ow), b = ld(r0 + 2 * ow + 1);
+      const A c = ld(r1 + 2 * ow), d = ld(r1 + 2 * ow + 1);
+      const bool tb = takes(b, a);
+      const A mb = tb ? b : a;
+      const bool tc = takes(c, mb);
+      const A mc = tc ? c : mb;
+      const bool td = takes(d, mc);
+      int32_t k = tb ? 1 : 0;  // which of a, b, c, d the window chose
+      k = tc ? 2 : k;
+      k = td ? 3 : k;
+      const A gv = A(0) + ld(g + ow);  // +0 for -0: what a sum from +0 gives elsewhere
+      g0[2 * ow] = static_cast<T>(keep_if(k == 0, gv));
+      g0[2 * ow + 1] = static_cast<T>(keep_if(k == 1, gv));
+      g1[2 * ow] = static_cast<T>(keep_if(k == 2, gv));
+      g1[2 * ow + 1] = static_cast<T>(keep_if(k == 3, gv));
+    }
+    for (int64_t iw = 2 * j.ow; iw < j.w; ++iw) g0[iw] = g1[iw] = static_cast<T>(0.0f);
+  }
+  std::fill(gi + 2 * j.oh * j.w, gi + j.h * j.w, static_cast<T>(0.0f));
+}
+
+// Accumulators of one unit of the backward: grad_input itself when its dtype is the math type,
+// otherwise a per-thread buffer that is rounded into grad_input at the end.
+template <typename T>
+Acc<T>* accumulators(T* gi, int64_t elements) {
+  if constexpr (std::is_same_v<T, Acc<T>>) {
+    return gi;
+  } else {
+    thread_local std::vector<Acc<T>> buffer;
+    if (buffer.size() < static_cast<size_t>(elements)) buffer.resize(static_cast<size_t>(elements));
+    return buffer.data();
+  }
+}
+
+template <typename T>
+void backward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
+  using A = Acc<T>;
+  const bool fast = is_2x2(j) && j.xs[3] == 1;
+  const int64_t hw = j.h * j.w;
+  for (int64_t plane = begin; plane < end; ++plane) {
+    const int64_t n = plane / j.c, c = plane % j.c;
+    const T* x = static_cast<const T*>(j.x) + n * j.xs[0] + c * j.xs[1];
+    const T* go = static_cast<const T*>(j.go) + n * j.gs[0] + c * j.gs[1];
+    T* gi = static_cast<T*>(j.out) + plane * hw;
+    if (fast) {
+      backward_plane_2x2(j, x, go, gi);
+      continue;
+    }
+    A* acc = accumulators(gi, hw);
+    std::fill(acc, acc + hw, A(0));
+    for (int64_t oh = 0; oh < j.oh; ++oh) {
+      const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
+      const int64_t ih0 = oh * j.sh - j.ph;
+      for (int64_t ow = 0; ow < j.ow; ++ow) {
+        const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
+        const int64_t iw0 = ow * j.sw - j.pw;
+        if (ti.lo == ti.hi || tj.lo == tj.hi) continue;
+        int64_t best = (ih0 + ti.lo * j.dh) * j.w + iw0 + tj.lo * j.dw;
+        A m = ld(x + (ih0 + ti.lo * j.dh) * j.xs[2] + (iw0 + tj.lo * j.dw) * j.xs[3]);
+        for (int64_t i = ti.lo; i < ti.hi; ++i) {
+          const int64_t ih = ih0 + i * j.dh;
+          for (int64_t t = tj.lo; t < tj.hi; ++t) {
+            const int64_t iw = iw0 + t * j.dw;
+            const A v = ld(x + ih * j.xs[2] + iw * j.xs[3]);
+            if (takes(v, m)) m = v, best = ih * j.w + iw;
+          }
+        }
+        acc[best] += ld(go + oh * j.gs[2] + ow * j.gs[3]);
+      }
+    }
+    if constexpr (!std::is_same_v<T, A>) {
+      for (int64_t e = 0; e < hw; ++e) gi[e] = static_cast<T>(acc[e]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// channels_last (xs[1] == 1; output and grad_input [N, H, W, C] in memory)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+void forward_cl(const PoolJob& j, int64_t begin, int64_t end) {
+  using A = Acc<T>;
+  const int64_t chans = j.c;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / j.oh, oh = row % j.oh;
+    const T* x = static_cast<const T*>(j.x) + n * j.xs[0];
+    const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
+    const int64_t ih0 = oh * j.sh - j.ph;
+    for (int64_t ow = 0; ow < j.ow; ++ow) {
+      T* y = static_cast<T*>(j.out) + (row * j.ow + ow) * chans;
+      const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
+      const int64_t iw0 = ow * j.sw - j.pw;
+      bool first = true;
+      for (int64_t i = ti.lo; i < ti.hi; ++i) {
+        for (int64_t t = tj.lo; t < tj.hi; ++t) {
+          const T* v = x + (ih0 + i * j.dh) * j.xs[2] + (iw0 + t * j.dw) * j.xs[3];
+          if (first) {
+            std::copy(v, v + chans, y);
+            first = false;
+            continue;
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < chans; ++c) {
+            const A a = ld(v + c);
+            y[c] = takes(a, ld(y + c)) ? v[c] : y[c];
+          }
+        }
+      }
+      if (first) std::fill(y, y + chans, static_cast<T>(-std::numeric_limits<A>::infinity()));
+    }
+  }
+}
+
+template <typename T>
+void backward_cl(const PoolJob& j, int64_t begin, int64_t end) {
+  using A = Acc<T>;
+  constexpr int64_t kBlock = kPoolChannelBlock;
+  const int64_t blocks = (j.c + kBlock - 1) / kBlock;
+  const int64_t hw = j.h * j.w;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t n = unit / blocks, c0 = (unit % blocks) * kBlock;
+    const int64_t nc = std::min(kBlock, j.c - c0);
+    const T* x = static_cast<const T*>(j.x) + n * j.xs[0] + c0;
+    const T* go = static_cast<const T*>(j.go) + n * j.gs[0] + c0 * j.gs[1];
+    T* gi = static_cast<T*>(j.out) + n * hw * j.c + c0;
+    // Accumulator of pixel e, channel c: acc[e * ps + c].
+    constexpr bool kDirect = std::is_same_v<T, A>;
+    A* acc = kDirect ? reinterpret_cast<A*>(gi) : accumulators(gi, hw * nc);
+    const int64_t ps = kDirect ? j.c : nc;
+    for (int64_t e = 0; e < hw; ++e) std::fill(acc + e * ps, acc + e * ps + nc, A(0));
+    alignas(64) A m[kBlock];
+    alignas(64) A g[kBlock];
+    alignas(64) int32_t sel[kBlock];
+    for (int64_t oh = 0; oh < j.oh; ++oh) {
+      const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
+      const int64_t ih0 = oh * j.sh - j.ph;
+      for (int64_t ow = 0; ow < j.ow; ++ow) {
+        const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
+        const int64_t iw0 = ow * j.sw - j.pw;
+        // The choice of every channel, as the ordinal of the tap among the valid ones.
+        int32_t tap = 0;
+        for (int64_t i = ti.lo; i < ti.hi; ++i) {
+          for (int64_t t = tj.lo; t < tj.hi; ++t, ++tap) {
+            const T* v = x + (ih0 + i * j.dh) * j.xs[2] + (iw0 + t * j.dw) * j.xs[3];
+            if (tap == 0) {
+#pragma omp simd
+              for (int64_t c = 0; c < nc; ++c) m[c] = ld(v + c), sel[c] = 0;
+              continue;
+            }
+#pragma omp simd
+            for (int64_t c = 0; c < nc; ++c) {
+              const A a = ld(v + c);
+              const bool take = takes(a, m[c]);
+              m[c] = take ? a : m[c];
+              sel[c] = take ? tap : sel[c];
+            }
+          }
+        }
+        if (tap == 0) continue;  // no element inside the input
+        const T* gw = go + oh * j.gs[2] + ow * j.gs[3];
+        for (int64_t c = 0; c < nc; ++c) g[c] = ld(gw + c * j.gs[1]);
+        tap = 0;
+        for (int64_t i = ti.lo; i < ti.hi; ++i) {
+          for (int64_t t = tj.lo; t < tj.hi; ++t, ++tap) {
+            A* a = acc + ((ih0 + i * j.dh) * j.w + iw0 + t * j.dw) * ps;
+#pragma omp simd
+            for (int64_t c = 0; c < nc; ++c) a[c] = sel[c] == tap ? a[c] + g[c] : a[c];
+          }
+        }
+      }
+    }
+    if constexpr (!kDirect) {
+      for (int64_t e = 0; e < hw; ++e) {
+        for (int64_t c = 0; c < nc; ++c) gi[e * j.c + c] = static_cast<T>(acc[e * nc + c]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const MaxPoolLoops max_pool_loops = {
+    {&forward_nchw<float>, &forward_nchw<double>, &forward_nchw<c10::Half>,
+     &forward_nchw<c10::BFloat16>},
+    {&forward_cl<float>, &forward_cl<double>, &forward_cl<c10::Half>, &forward_cl<c10::BFloat16>},
+    {&backward_nchw<float>, &backward_nchw<double>, &backward_nchw<c10::Half>,
+     &backward_nchw<c10::BFloat16>},
+    {&backward_cl<float>, &backward_cl<double>, &backward_cl<c10::Half>,
+     &backward_cl<c10::BFloat16>},
+};
+
+}  // namespace mtlcore::cpu::MTLCORE_ISA
