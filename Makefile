@@ -61,8 +61,8 @@ bench: $(INSTALL_STAMP)
 # fatal), installed apart in build/asan/site, and the kernel, fuzz, bad-input and thread tests
 # run against that build with the sanitizer runtimes preloaded into the interpreter (leak
 # checking off: the interpreter itself never frees everything).
-SAN_TESTS := tests/test_conv2d_act.py tests/test_multitask_loss.py tests/test_optim.py \
-             tests/test_fuzz.py tests/test_bad_input.py tests/test_threads.py
+SAN_TESTS := tests/test_conv2d_act.py tests/test_max_pool2d.py tests/test_multitask_loss.py \
+             tests/test_optim.py tests/test_fuzz.py tests/test_bad_input.py tests/test_threads.py
 SAN_ENV = PYTHONPATH=$(CURDIR)/build/asan/site \
   LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
   ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1

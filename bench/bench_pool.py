@@ -39,6 +39,9 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 def contenders(with_compile: bool) -> dict:
     fns = {"ours": ops.max_pool2d, "eager": F.max_pool2d}
     if with_compile:
+        # One compiled graph per case (shape, layout, with and without grad): more than the
+        # default limit of recompilations of one function.
+        torch._dynamo.config.recompile_limit = 64
         fns["compiled"] = torch.compile(F.max_pool2d, fullgraph=True, dynamic=False)
     return fns
 

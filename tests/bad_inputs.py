@@ -175,6 +175,131 @@ def _():
 
 
 # --------------------------------------------------------------------------------------------
+# max_pool2d (the op, its raw schemas and the MaxPool2d module)
+# --------------------------------------------------------------------------------------------
+
+
+def pool(**overrides):
+    args = {"input": f32(2, 3, 8, 8), "kernel_size": 3}
+    args.update(overrides)
+    return ops.max_pool2d(**args)
+
+
+POOL = {
+    "int input": ("input", lambda: pool(input=torch.ones(2, 3, 8, 8, dtype=torch.int64))),
+    "bool input": ("input", lambda: pool(input=torch.ones(2, 3, 8, 8, dtype=torch.bool))),
+    "complex input": ("input", lambda: pool(input=f32(2, 3, 8, 8, dtype=torch.complex64))),
+    "input rank 2": ("input", lambda: pool(input=f32(8, 8))),
+    "input rank 5": ("input", lambda: pool(input=f32(1, 2, 3, 8, 8))),
+    "input without rows": ("input", lambda: pool(input=f32(2, 3, 0, 8))),
+    "kernel_size 0": ("kernel_size", lambda: pool(kernel_size=0)),
+    "kernel_size negative": ("kernel_size", lambda: pool(kernel_size=(3, -1))),
+    "kernel_size three values": ("kernel_size", lambda: pool(kernel_size=(2, 2, 2))),
+    "kernel_size float": ("kernel_size", lambda: pool(kernel_size=2.5)),
+    "kernel_size nan": ("kernel_size", lambda: pool(kernel_size=math.nan)),
+    "kernel_size bool": ("kernel_size", lambda: pool(kernel_size=True)),
+    "kernel_size None": ("kernel_size", lambda: pool(kernel_size=None)),
+    "kernel_size 2^31": ("kernel_size", lambda: pool(kernel_size=2**31)),
+    "kernel_size beyond int64": ("kernel_size", lambda: pool(kernel_size=2**63)),
+    "stride 0": ("stride", lambda: pool(stride=0)),
+    "stride negative": ("stride", lambda: pool(stride=(1, -1))),
+    "stride three values": ("stride", lambda: pool(stride=(1, 1, 1))),
+    "stride 2^31": ("stride", lambda: pool(stride=2**31)),
+    "padding negative": ("padding", lambda: pool(padding=-1)),
+    "padding above half the kernel": ("padding", lambda: pool(padding=2)),
+    "padding above half the kernel width": (
+        "padding",
+        lambda: pool(kernel_size=(4, 2), padding=(2, 2)),
+    ),
+    "padding three values": ("padding", lambda: pool(padding=(1, 1, 1))),
+    "padding float": ("padding", lambda: pool(padding=0.5)),
+    "dilation 0": ("dilation", lambda: pool(dilation=0)),
+    "dilation negative": ("dilation", lambda: pool(dilation=(1, -2))),
+    "dilation 2^31": ("dilation", lambda: pool(dilation=2**31)),
+    "output would be empty": ("kernel_size", lambda: pool(kernel_size=9)),
+    "dilated window larger than input": ("dilation", lambda: pool(dilation=4)),
+    "sparse input": ("input", lambda: pool(input=f32(2, 3, 8, 8).to_sparse())),
+    "sparse unbatched input": ("input", lambda: pool(input=f32(3, 8, 8).to_sparse())),
+}
+for _name, (_expect, _fn) in POOL.items():
+    case(f"max_pool2d: {_name}", _expect)(_fn)
+
+
+@case("max_pool2d (raw schema): padding three values", "padding")
+def _():
+    torch.ops.mtlcore.max_pool2d(f32(2, 3, 8, 8), [2, 2], [2, 2], [0, 0, 0], [1, 1], False)
+
+
+@case("max_pool2d (raw schema): stride one value", "stride")
+def _():
+    torch.ops.mtlcore.max_pool2d(f32(2, 3, 8, 8), [2, 2], [2], [0, 0], [1, 1], False)
+
+
+def pool_backward(**overrides):
+    args = dict(
+        grad_output=f32(2, 3, 4, 4),
+        input=f32(2, 3, 8, 8),
+        kernel_size=[2, 2],
+        stride=[2, 2],
+        padding=[0, 0],
+        dilation=[1, 1],
+        ceil_mode=False,
+    )
+    args.update(overrides)
+    return torch.ops.mtlcore.max_pool2d_backward(*args.values())
+
+
+POOL_BACKWARD = {
+    "grad_output shape": ("grad_output", lambda: pool_backward(grad_output=f32(2, 3, 4, 5))),
+    "grad_output rank 3": ("grad_output", lambda: pool_backward(grad_output=f32(3, 4, 4))),
+    "grad_output dtype": (
+        "grad_output",
+        lambda: pool_backward(grad_output=f32(2, 3, 4, 4, dtype=torch.float64)),
+    ),
+    "int grad_output": (
+        "grad_output",
+        lambda: pool_backward(grad_output=torch.ones(2, 3, 4, 4, dtype=torch.int64)),
+    ),
+    "int input": ("input", lambda: pool_backward(input=torch.ones(2, 3, 8, 8).long())),
+    "input rank 3": ("input", lambda: pool_backward(input=f32(3, 8, 8))),
+    "kernel_size one value": ("kernel_size", lambda: pool_backward(kernel_size=[2])),
+    "padding above half the kernel": ("padding", lambda: pool_backward(padding=[1, 2])),
+}
+for _name, (_expect, _fn) in POOL_BACKWARD.items():
+    case(f"max_pool2d_backward: {_name}", _expect)(_fn)
+
+
+@case("max_pool2d_backward: grad_output on another device", "grad_output", cuda=True)
+def _():
+    pool_backward(input=f32(2, 3, 8, 8, device="cuda"))
+
+
+@case("max_pool2d_backward: input on another device", "input", cuda=True)
+def _():
+    pool_backward(grad_output=f32(2, 3, 4, 4, device="cuda"))
+
+
+@case("MaxPool2d: return_indices", "return_indices")
+def _():
+    mtlcore.nn.MaxPool2d(2, return_indices=True)
+
+
+@case("MaxPool2d: kernel_size 0", "kernel_size")
+def _():
+    mtlcore.nn.MaxPool2d(0)(f32(2, 3, 8, 8))
+
+
+@case("MaxPool2d: padding above half the kernel", "padding")
+def _():
+    mtlcore.nn.MaxPool2d(2, padding=2)(f32(2, 3, 8, 8))
+
+
+@case("MaxPool2d: input rank 5", "input")
+def _():
+    mtlcore.nn.MaxPool2d(2)(f32(1, 2, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------------------------
 # multitask_loss (the op, its raw schemas and the MultiTaskLoss module)
 # --------------------------------------------------------------------------------------------
 

@@ -17,6 +17,12 @@ What is checked:
   batches, one class, huge class counts, non-contiguous views.
 - sgd_ / adam_: updated tensors vs the reference for random hyperparameters and lists,
   including empty tensors, non-contiguous parameters, NaN/Inf gradients and skipped steps.
+- max_pool2d: output equal (NaN included) to F.max_pool2d's and bit for bit the reference's
+  (signed zeros included, NaN payloads aside), the gradient exactly the reference's and
+  F.max_pool2d's (where every window holds an input element), and the output layout, for
+  random geometry (ceil_mode, dilation, 1x1 and empty-batch inputs, unbatched), layouts and
+  dtypes; ties, ±1e30, subnormals, signed zeros, NaN and Inf; geometry the functional rejects
+  is rejected too.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
-from hypothesis import assume, given, note
+from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
 from mtlcore import ops, reference
@@ -49,13 +55,16 @@ def values(shape, dtype, seed: int, scale: float) -> torch.Tensor:
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def inject(t: torch.Tensor, specials: list[tuple[float, str]]) -> torch.Tensor:
-    """Writes each (position fraction, name) special value into the flattened ``t``."""
+def inject(
+    t: torch.Tensor, specials: list[tuple[float, str]], table: dict[str, float] = SPECIALS
+) -> torch.Tensor:
+    """Writes each (position fraction, name) special value of ``table`` into the flattened
+    ``t``."""
     if t.numel() == 0:
         return t
     flat = t.reshape(-1)
     for frac, name in specials:
-        flat[min(int(frac * t.numel()), t.numel() - 1)] = SPECIALS[name]
+        flat[min(int(frac * t.numel()), t.numel() - 1)] = table[name]
     return flat.view(t.shape)
 
 
@@ -513,3 +522,173 @@ def test_adam_matches_reference(
         atol = max(atol, 1e-6)  # m / sqrt(v) with v ~ 0: both sides divide tiny by tiny
     for got, want in ((params, rp), (grads, rg), (m, rm), (v, rv), (vmax, rvmax)):
         assert_lists_equal(got, want, rtol, atol)
+
+
+# --------------------------------------------------------------------------------------------
+# max_pool2d
+# --------------------------------------------------------------------------------------------
+
+# Signed zeros too: the maximum of 0.0 and -0.0 is the first of them (bit for bit).
+POOL_SPECIALS = {**SPECIALS, "-zero": -0.0}
+# (kernel_size, stride, padding, dilation) drawn often: the common pools (2x2 stride 2 has
+# fast CPU loops), and one whose windows miss a small input entirely (-inf, no gradient).
+POOL_PRESETS = [(2, None, 0, 1), ((2, 2), 2, 0, 1), (3, 2, 1, 1), (3, 1, 1, 1), (2, 1, 1, 2)]
+
+
+def pool_pair(draw, low: int, high: int) -> int | tuple[int, int]:
+    """An int or an (h, w) pair in [low, high], as the op takes either."""
+    if draw(st.booleans()):
+        return draw(st.integers(low, high))
+    return (draw(st.integers(low, high)), draw(st.integers(low, high)))
+
+
+def as_pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else v
+
+
+@st.composite
+def pool_cases(draw, dtypes, max_specials):
+    if draw(st.integers(0, 3)) == 0:
+        kernel, stride, padding, dilation = draw(st.sampled_from(POOL_PRESETS))
+    else:
+        kernel = pool_pair(draw, 1, 4)
+        kh, kw = as_pair(kernel)
+        stride = None if draw(st.integers(0, 3)) == 0 else pool_pair(draw, 1, 4)
+        if draw(st.booleans()):
+            padding = draw(st.integers(0, min(kh, kw) // 2))
+        else:
+            padding = (draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2)))
+        dilation = pool_pair(draw, 1, 3)
+    # Mostly sizes the windows fit in (from the smallest one up), sometimes any size.
+    fits = draw(st.integers(0, 5)) != 0
+    smallest = [
+        max(1, d * (k - 1) + 1 - 2 * p) if fits else 1
+        for k, p, d in zip(as_pair(kernel), as_pair(padding), as_pair(dilation), strict=True)
+    ]
+    more_rows = draw(st.one_of(st.integers(0, 2), st.integers(3, 11)))
+    # >= 16 columns: the vector blocks of the CPU 2x2 loops
+    more_columns = draw(st.one_of(st.integers(0, 2), st.integers(3, 11), st.integers(12, 39)))
+    n = draw(st.integers(0, 4))
+    return {
+        "n": n,
+        # > 64 channels: more than one channel block of the CPU channels_last backward
+        "c": draw(st.one_of(st.integers(1, 5), st.integers(6, 70))),
+        "h": smallest[0] + more_rows,
+        "w": smallest[1] + more_columns,
+        "kernel_size": kernel,
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "ceil_mode": draw(st.booleans()),
+        "unbatched": n == 1 and draw(st.booleans()),
+        "layout": draw(LAYOUTS),
+        "dtype": draw(st.sampled_from(dtypes)),
+        "ties": draw(st.booleans()),
+        "scale": draw(st.sampled_from([1.0, 1e-3, 30.0, 1e-20, 1e30, 1e-40, 1e-310])),
+        "specials": draw(
+            st.lists(
+                st.tuples(
+                    st.floats(0, 1, exclude_max=True), st.sampled_from(sorted(POOL_SPECIALS))
+                ),
+                max_size=max_specials,
+            )
+        ),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def pool_args(case):
+    return (
+        case["kernel_size"],
+        case["stride"],
+        case["padding"],
+        case["dilation"],
+        case["ceil_mode"],
+    )
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor (NaN payloads and signed zeros included)."""
+    return t.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def has_empty_window(case) -> bool:
+    """Whether some window holds no input element (F.max_pool2d's backward writes out of
+    bounds there)."""
+    probe = torch.zeros(1, 1, case["h"], case["w"])
+    return bool(F.max_pool2d(probe, *pool_args(case)).isinf().any())
+
+
+def check_max_pool2d(device, case):
+    dtype = case["dtype"]
+    shape = (case["n"], case["c"], case["h"], case["w"])
+    g = torch.Generator().manual_seed(case["seed"])
+    if case["ties"]:  # k / 4: many windows hold equal maxima
+        k = torch.randint(-6, 7, shape, generator=g, dtype=torch.float64)
+        x = (k / 4 * case["scale"]).to(dtype)
+    else:
+        x = values(shape, dtype, case["seed"], case["scale"])
+    x = inject(x, case["specials"], POOL_SPECIALS)
+    args = pool_args(case)
+    xd = layout(x, case["layout"], device)
+    if case["unbatched"]:
+        xd = xd[0]
+    xd.requires_grad_()
+    try:
+        want = F.max_pool2d(x, *args)
+    except RuntimeError as e:
+        note(f"F.max_pool2d rejects it: {e}")
+        event("max_pool2d: rejected, as by F.max_pool2d")
+        with pytest.raises(ValueError, match="pooled output would be empty"):
+            ops.max_pool2d(xd, *args)
+        return
+    out = ops.max_pool2d(xd, *args)
+    assert out.dtype == dtype
+    if not case["unbatched"]:
+        channels_last = xd.is_contiguous(memory_format=torch.channels_last)
+        expected = torch.channels_last if channels_last and not xd.is_contiguous() else None
+        assert out.is_contiguous(memory_format=expected or torch.contiguous_format), "layout"
+    got = (out.unsqueeze(0) if case["unbatched"] else out).detach().cpu()
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()), "NaN positions differ from F.max_pool2d"
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    xr = x.clone().requires_grad_()
+    ref = reference.max_pool2d(xr, *args)
+    # (bit for bit but for NaN payloads: torch.gather, in the reference, may change those)
+    number = ~got.isnan()
+    assert torch.equal(got.isnan(), ref.detach().isnan()), "NaN positions differ from reference"
+    assert torch.equal(bits(got)[number], bits(ref.detach())[number]), "not the reference's bits"
+
+    # Gradients of +-1/4 and +-3/4: every sum (at most 16 windows share an element) is exact in
+    # every dtype, so any summation order gives the same bits.
+    gy = ((torch.randint(0, 4, want.shape, generator=g) * 2 - 3) / 4).to(dtype)
+    gyd = gy.to(device)
+    (gx,) = torch.autograd.grad(out, xd, gyd[0] if case["unbatched"] else gyd)
+    assert gx.shape == xd.shape
+    gx = (gx.unsqueeze(0) if case["unbatched"] else gx).cpu()
+    (gref,) = torch.autograd.grad(ref, xr, gy)
+    assert torch.equal(gx, gref), "gradient differs from the reference's"
+    if has_empty_window(case):
+        event("max_pool2d: a window without input elements (gradient vs the reference only)")
+    else:
+        xf = x.clone().requires_grad_()
+        (gf,) = torch.autograd.grad(F.max_pool2d(xf, *args), xf, gy)
+        assert torch.equal(gx, gf), "gradient differs from F.max_pool2d's"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    case=pool_cases(
+        dtypes=[torch.float64, torch.float32, torch.float16, torch.bfloat16], max_specials=2
+    )
+)
+def test_max_pool2d_matches_reference_and_functional(device, case):
+    check_max_pool2d(device, case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=pool_cases(dtypes=[torch.float64, torch.float32], max_specials=12))
+def test_max_pool2d_nonfinite_and_extreme_values(device, case):
+    """Many NaN, Inf, ±1e30, subnormal and signed-zero elements: windows of NaN only, -inf
+    only, NaN next to +inf; the output as F.max_pool2d's (the last NaN of a window wins)."""
+    check_max_pool2d(device, case)

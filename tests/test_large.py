@@ -354,6 +354,54 @@ def test_conv2d_act_more_than_2_31_elements(groups):
 
 
 # ------------------------------------------------------------------------------------------
+# More than 2^31 elements: max_pool2d
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.large
+@pytest.mark.skipif(not CUDA, reason="no CUDA")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("kernel_size", "stride", "padding", "ceil_mode"),
+    [(3, 2, 1, True), (2, 1, 0, False)],
+    ids=["3x3_stride2", "2x2_stride1"],
+)
+def test_max_pool2d_more_than_2_31_elements(channels_last, kernel_size, stride, padding, ceil_mode):
+    """Input and grad_input of 64 x 32 x 1026 x 1025 (2^31 + 6.3e6 elements) in float16, NCHW or
+    channels_last; with 2x2 windows at stride 1 the output and grad_output pass 2^31 too. Every
+    two images against mtlcore.reference (float32) on those images: the quantized values tie
+    often (the first maximum takes the gradient), are exact in float16, and so are the sums of
+    the at most four overlapping windows' gradients, so both sides agree bit for bit."""
+    require_free_memory(28)
+    n, c, h, w = 64, 32, 1026, 1025
+    dtype = torch.float16
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    if channels_last:  # filled as [N, H, W, C], seen as [N, C, H, W]
+        x = quantized((n, h, w, c), gen, dtype).permute(0, 3, 1, 2)
+    else:
+        x = quantized((n, c, h, w), gen, dtype)
+    assert x.numel() > 2**31 and x.is_contiguous(memory_format=fmt)
+    x.requires_grad_()
+    pool = (kernel_size, stride, padding, 1, ceil_mode)
+    out = ops.max_pool2d(x, *pool)
+    grad_out = quantized(out.shape, gen, dtype)
+    (gx,) = torch.autograd.grad(out, x, grad_out)
+    out = out.detach()
+    assert out.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+
+    for i in range(0, n, 2):
+        images = slice(i, i + 2)
+        xr = x.detach()[images].float().requires_grad_()
+        ref = reference.max_pool2d(xr, *pool)
+        assert torch.equal(out[images], ref.half()), f"output of images {i}, {i + 1}"
+        (rx,) = torch.autograd.grad(ref, xr, grad_out[images].float())
+        assert torch.equal(gx[images], rx.half()), f"grad_input of images {i}, {i + 1}"
+        del xr, ref, rx
+
+
+# ------------------------------------------------------------------------------------------
 # Convolution grids beyond one launch, and the CUDA convolution's coordinate limits
 # ------------------------------------------------------------------------------------------
 
@@ -483,6 +531,36 @@ def test_deterministic_conv2d_act(deterministic, dtype, tf32, groups):
     finally:
         torch.backends.cudnn.allow_tf32 = old
     assert_same_bits(first, second, ["output", "grad_input", "grad_weight", "grad_bias"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA")
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+def test_deterministic_max_pool2d(deterministic, dtype):
+    """Forward and grad_input, NCHW, channels_last and a strided view, for overlapping windows
+    (several gradients add up in one element) and values that tie."""
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.randint(-8, 9, (4, 70, 33, 35), generator=gen) / 4).to("cuda", dtype)
+        results = []
+        for view in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :, ::2]):
+            view = view.detach().requires_grad_()
+            for pool in ((3, 2, 1, 1, True), (3, 1, 1, 2, False), (2, 2, 0, 1, False)):
+                out = ops.max_pool2d(view, *pool)
+                grad_out = torch.randn(out.shape, generator=gen).to(out)
+                results += [out, *torch.autograd.grad(out, view, grad_out)]
+        return results
+
+    names = [
+        f"{what} of {view} {pool}"
+        for view in ("nchw", "channels_last", "strided")
+        for pool in ("3x3 stride 2", "3x3 dilation 2", "2x2 stride 2")
+        for what in ("output", "grad_input")
+    ]
+    assert_same_bits(run(), run(), names)
 
 
 @pytest.mark.cuda

@@ -6,7 +6,9 @@
   and for any torch thread count, for every op: the loss and the optimizers by construction
   (per-item sums added in a fixed order), and conv2d_act too, because its parallel split gives
   every output element, and every partial sum of grad_weight, to work whose extent depends on
-  the shapes only (see the header of csrc/cpu/conv2d_act.cpp).
+  the shapes only (see the header of csrc/cpu/conv2d_act.cpp); max_pool2d (NCHW and
+  channels_last, forward and backward) because every output and grad_input element, and its
+  sum, belongs to one unit of work (see the header of csrc/cpu/max_pool2d.cpp).
 """
 
 from __future__ import annotations
@@ -76,6 +78,19 @@ def run_all(seed: int) -> dict[str, torch.Tensor]:
     )
     for i in range(len(shapes)):
         out[f"adam.p{i}"], out[f"adam.m{i}"], out[f"adam.v{i}"] = params[i], m[i], v[i]
+
+    # Values k / 4: ties everywhere (the first maximum takes the gradient); overlapping windows
+    # (several gradients add up in one element); 2x2 stride 2 (the fast loops); more than 64
+    # channels (two channel blocks of the channels_last backward).
+    x = torch.randint(-8, 9, (4, 70, 30, 37), generator=g) / 4
+    for fmt, name in ((torch.contiguous_format, "pool"), (torch.channels_last, "pool.cl")):
+        for kernel, stride, padding, ceil_mode in ((3, 2, 1, True), (2, 2, 0, False)):
+            key = f"{name}.k{kernel}"
+            xp = x.contiguous(memory_format=fmt).requires_grad_()
+            y = ops.max_pool2d(xp, kernel, stride, padding, ceil_mode=ceil_mode)
+            gy = torch.randn(y.shape, generator=g)
+            out[key] = y.detach()
+            (out[f"{key}.dx"],) = torch.autograd.grad(y, xp, gy)
     return out
 
 

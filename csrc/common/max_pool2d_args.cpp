@@ -55,6 +55,9 @@ Pool2dParams check_max_pool2d_args(const char* op, const at::Tensor& input,
                                 {"dilation", dilation}}) {
     TORCH_CHECK_VALUE(v[0] < kLimit && v[1] < kLimit, op, ": ", name, " must be < 2^30, got ", v);
   }
+  TORCH_CHECK_VALUE(kernel_size[0] * kernel_size[1] < kLimit, op,
+                    ": the kernel must have fewer than 2^30 elements, got kernel_size ",
+                    kernel_size);
   TORCH_CHECK_VALUE(input.size(2) < kLimit && input.size(3) < kLimit, op,
                     ": input height and width must be < 2^30, got ", input.sizes());
   TORCH_CHECK_VALUE(

@@ -66,6 +66,15 @@ MTLCORE_INLINE double keep_if(bool c, double v) {
   return std::bit_cast<double>(std::bit_cast<uint64_t>(v) & (0ull - static_cast<uint64_t>(c)));
 }
 
+// a where c holds, b elsewhere, by masking bits: with plain selects GCC branches on c (and
+// mispredicts on random data) when a loop stores two of them.
+template <typename V>
+MTLCORE_INLINE V pick(bool c, V a, V b) {
+  using U = std::conditional_t<sizeof(V) == 8, uint64_t, uint32_t>;
+  const U mask = U(0) - static_cast<U>(c);
+  return std::bit_cast<V>((std::bit_cast<U>(a) & mask) | (std::bit_cast<U>(b) & ~mask));
+}
+
 // The taps t < k of window o whose coordinate o * s - p + t * d lies in [0, size): [lo, hi).
 struct Taps {
   int64_t lo, hi;
@@ -188,6 +197,90 @@ MTLCORE_INLINE int64_t float_blocks(int64_t ow_end, const Fwd8& f8, const Fwd4& 
 }
 #endif
 
+// A per-thread buffer of at least n values of type V (one per window of an output row).
+template <typename V>
+V* row_buffer(int64_t n) {
+  thread_local std::vector<V> buffer;
+  if (buffer.size() < static_cast<size_t>(n)) buffer.resize(static_cast<size_t>(n));
+  return buffer.data();
+}
+
+// The choice of every window of output row oh of one NCHW plane x: its value m[ow] and, with
+// kBest, the chosen element's tap best[ow] = i * kw + t (-1 for a window with no element
+// inside the input, whose m is -inf). The interior windows, whose column taps all lie
+// inside the input, run tap by tap over the whole row (no dependency from one tap to the next
+// of the same window, so the comparisons overlap); the border windows one at a time.
+template <typename T, bool kBest>
+void select_row(const PoolJob& j, const T* x, int64_t oh, Acc<T>* m, int32_t* best) {
+  using A = Acc<T>;
+  const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
+  const int64_t ih0 = oh * j.sh - j.ph;
+  const int64_t last = j.w - 1 + j.pw - (j.kw - 1) * j.dw;  // interior: ow * sw <= last
+  const int64_t in_hi = std::min(j.ow, last >= 0 ? last / j.sw + 1 : 0);
+  const int64_t in_lo = std::min(in_hi, (j.pw + j.sw - 1) / j.sw);
+  const auto border = [&](int64_t ow) {
+    const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
+    const int64_t iw0 = ow * j.sw - j.pw;
+    if (ti.lo == ti.hi || tj.lo == tj.hi) {
+      m[ow] = -std::numeric_limits<A>::infinity();
+      if constexpr (kBest) best[ow] = -1;
+      return;
+    }
+    int32_t b = static_cast<int32_t>(ti.lo * j.kw + tj.lo);
+    A mv = ld(x + (ih0 + ti.lo * j.dh) * j.xs[2] + (iw0 + tj.lo * j.dw) * j.xs[3]);
+    for (int64_t i = ti.lo; i < ti.hi; ++i) {
+      const int64_t ih = ih0 + i * j.dh;
+      for (int64_t t = tj.lo; t < tj.hi; ++t) {
+        const int64_t iw = iw0 + t * j.dw;
+        const A v = ld(x + ih * j.xs[2] + iw * j.xs[3]);
+        const bool take = takes(v, mv);
+        mv = take ? v : mv;
+        b = take ? static_cast<int32_t>(i * j.kw + t) : b;
+      }
+    }
+    m[ow] = mv;
+    if constexpr (kBest) best[ow] = b;
+  };
+  for (int64_t ow = 0; ow < in_lo; ++ow) border(ow);
+  for (int64_t ow = in_hi; ow < j.ow; ++ow) border(ow);
+  if (in_lo == in_hi) return;
+  if (ti.lo == ti.hi) {
+    for (int64_t ow = in_lo; ow < in_hi; ++ow) {
+      m[ow] = -std::numeric_limits<A>::infinity();
+      if constexpr (kBest) best[ow] = -1;
+    }
+    return;
+  }
+  const int64_t n = in_hi - in_lo;
+  const int64_t step = j.sw * j.xs[3];
+  A* mr = m + in_lo;
+  int32_t* br = kBest ? best + in_lo : nullptr;
+  bool first = true;
+  for (int64_t i = ti.lo; i < ti.hi; ++i) {
+    const int64_t ih = ih0 + i * j.dh;
+    for (int64_t t = 0; t < j.kw; ++t) {
+      const int64_t iw = in_lo * j.sw - j.pw + t * j.dw;  // window in_lo's column of tap t
+      const T* v = x + ih * j.xs[2] + iw * j.xs[3];
+      const auto tap = static_cast<int32_t>(i * j.kw + t);
+      if (first) {
+        for (int64_t k = 0; k < n; ++k) {
+          mr[k] = ld(v + k * step);
+          if constexpr (kBest) br[k] = tap;
+        }
+        first = false;
+        continue;
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const A a = ld(v + k * step);
+        const bool take = takes(a, mr[k]);
+        mr[k] = pick(take, a, mr[k]);
+        if constexpr (kBest) br[k] = pick(take, tap, br[k]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // NCHW
 // ---------------------------------------------------------------------------------------------
@@ -222,25 +315,9 @@ void forward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
         }
         continue;
       }
-      const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
-      const int64_t ih0 = oh * j.sh - j.ph;
-      for (int64_t ow = 0; ow < j.ow; ++ow) {
-        const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
-        const int64_t iw0 = ow * j.sw - j.pw;
-        if (ti.lo == ti.hi || tj.lo == tj.hi) {
-          yr[ow] = static_cast<T>(-std::numeric_limits<A>::infinity());
-          continue;
-        }
-        A m = ld(x + (ih0 + ti.lo * j.dh) * j.xs[2] + (iw0 + tj.lo * j.dw) * j.xs[3]);
-        for (int64_t i = ti.lo; i < ti.hi; ++i) {
-          const T* row = x + (ih0 + i * j.dh) * j.xs[2];
-          for (int64_t t = tj.lo; t < tj.hi; ++t) {
-            const A v = ld(row + (iw0 + t * j.dw) * j.xs[3]);
-            m = takes(v, m) ? v : m;
-          }
-        }
-        yr[ow] = static_cast<T>(m);
-      }
+      A* m = row_buffer<A>(j.ow);
+      select_row<T, false>(j, x, oh, m, nullptr);
+      for (int64_t ow = 0; ow < j.ow; ++ow) yr[ow] = static_cast<T>(m[ow]);
     }
   }
 }
@@ -317,6 +394,13 @@ void backward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
   using A = Acc<T>;
   const bool fast = is_2x2(j) && j.xs[3] == 1;
   const int64_t hw = j.h * j.w;
+  // Offset of tap i * kw + t from its window's origin (no division per window).
+  thread_local std::vector<int64_t> rel;
+  rel.resize(static_cast<size_t>(fast ? 0 : j.kh * j.kw));
+  for (int64_t i = 0; i < (fast ? 0 : j.kh); ++i) {
+    for (int64_t t = 0; t < j.kw; ++t)
+      rel[static_cast<size_t>(i * j.kw + t)] = i * j.dh * j.w + t * j.dw;
+  }
   for (int64_t plane = begin; plane < end; ++plane) {
     const int64_t n = plane / j.c, c = plane % j.c;
     const T* x = static_cast<const T*>(j.x) + n * j.xs[0] + c * j.xs[1];
@@ -328,24 +412,15 @@ void backward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
     }
     A* acc = accumulators(gi, hw);
     std::fill(acc, acc + hw, A(0));
+    A* m = row_buffer<A>(j.ow);
+    int32_t* best = row_buffer<int32_t>(j.ow);
     for (int64_t oh = 0; oh < j.oh; ++oh) {
-      const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
-      const int64_t ih0 = oh * j.sh - j.ph;
-      for (int64_t ow = 0; ow < j.ow; ++ow) {
-        const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
-        const int64_t iw0 = ow * j.sw - j.pw;
-        if (ti.lo == ti.hi || tj.lo == tj.hi) continue;
-        int64_t best = (ih0 + ti.lo * j.dh) * j.w + iw0 + tj.lo * j.dw;
-        A m = ld(x + (ih0 + ti.lo * j.dh) * j.xs[2] + (iw0 + tj.lo * j.dw) * j.xs[3]);
-        for (int64_t i = ti.lo; i < ti.hi; ++i) {
-          const int64_t ih = ih0 + i * j.dh;
-          for (int64_t t = tj.lo; t < tj.hi; ++t) {
-            const int64_t iw = iw0 + t * j.dw;
-            const A v = ld(x + ih * j.xs[2] + iw * j.xs[3]);
-            if (takes(v, m)) m = v, best = ih * j.w + iw;
-          }
-        }
-        acc[best] += ld(go + oh * j.gs[2] + ow * j.gs[3]);
+      select_row<T, true>(j, x, oh, m, best);
+      // Window (oh, ow)'s tap i * kw + t is element (oh * sh - ph) * W + ow * sw - pw + rel.
+      const int64_t origin = (oh * j.sh - j.ph) * j.w - j.pw;
+      for (int64_t ow = 0; ow < j.ow; ++ow) {  // in window order
+        if (best[ow] < 0) continue;
+        acc[origin + ow * j.sw + rel[best[ow]]] += ld(go + oh * j.gs[2] + ow * j.gs[3]);
       }
     }
     if constexpr (!std::is_same_v<T, A>) {
