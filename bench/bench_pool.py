@@ -1,9 +1,11 @@
 """Max pooling: mtlcore.ops.max_pool2d vs torch eager F.max_pool2d and torch.compile of it,
 forward and forward+backward, NCHW and channels_last, same run, ratios.
 
-Shapes: the two pooling layers of the small CNN at batch 64 ([64, 32, 30, 30] and
-[64, 64, 13, 13], 2x2 stride 2) and an overlapping 3x3 stride-2 pad-1 pool of a ResNet stem
-([32, 64, 56, 56]). Bandwidth: (bytes of input read + output written) for the forward, and
+Shapes: the two pooling layers of mtlcore.models.SmallCNN at batch 64 on 32x32 images
+([64, 32, 32, 32] and [64, 64, 16, 16], 2x2 stride 2), an odd-sized map ([64, 64, 13, 13],
+the second pool of the classic network with valid convolutions) and an overlapping 3x3
+stride-2 pad-1 pool of a ResNet stem ([32, 64, 56, 56]). The maps of the first three fit in
+this machine's L3 cache, so their bandwidth can exceed the copy's. Bandwidth: (bytes of input read + output written) for the forward, and
 (input + grad_output read + grad_input written) added for the backward, over the time, as a
 share of a large copy's bytes per second measured in the same run.
 
@@ -29,8 +31,9 @@ from mtlcore import ops
 
 # name: (input shape, kernel, stride, padding)
 CASES = {
-    "small CNN pool 1": ((64, 32, 30, 30), 2, 2, 0),
-    "small CNN pool 2": ((64, 64, 13, 13), 2, 2, 0),
+    "SmallCNN pool 1": ((64, 32, 32, 32), 2, 2, 0),
+    "SmallCNN pool 2": ((64, 64, 16, 16), 2, 2, 0),
+    "odd 13x13 map": ((64, 64, 13, 13), 2, 2, 0),
     "ResNet stem 3x3/2": ((32, 64, 56, 56), 3, 2, 1),
 }
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
