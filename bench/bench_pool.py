@@ -4,10 +4,11 @@ forward and forward+backward, NCHW and channels_last, same run, ratios.
 Shapes: the two pooling layers of mtlcore.models.SmallCNN at batch 64 on 32x32 images
 ([64, 32, 32, 32] and [64, 64, 16, 16], 2x2 stride 2), an odd-sized map ([64, 64, 13, 13],
 the second pool of the classic network with valid convolutions) and an overlapping 3x3
-stride-2 pad-1 pool of a ResNet stem ([32, 64, 56, 56]). The maps of the first three fit in
-this machine's L3 cache, so their bandwidth can exceed the copy's. Bandwidth: (bytes of input read + output written) for the forward, and
-(input + grad_output read + grad_input written) added for the backward, over the time, as a
-share of a large copy's bytes per second measured in the same run.
+stride-2 pad-1 pool of a ResNet stem ([32, 64, 56, 56]). Bandwidth: (bytes of input read +
+output written) for the forward, and (input + grad_output read + grad_input written) added for
+the backward, over the time, as a share of a large copy's bytes per second measured in the
+same run. The maps of the first three fit in this machine's L3 cache, so their bandwidth can
+exceed the copy's.
 
     python bench/bench_pool.py [--device cuda] [--dtype bfloat16] [--quick] [--no-compile]
 

@@ -473,17 +473,46 @@ void backward_cl(const PoolJob& j, int64_t begin, int64_t end) {
   constexpr int64_t kBlock = kPoolChannelBlock;
   const int64_t blocks = (j.c + kBlock - 1) / kBlock;
   const int64_t hw = j.h * j.w;
+  // Windows that share no element (stride beyond the dilated kernel, as 2x2 stride 2): each
+  // grad_input element takes at most one gradient and is written once, without accumulators;
+  // only the elements no window covers are zeroed. covered[ih] and covered[H + iw] say
+  // whether a window covers row ih and column iw (an element is covered iff both are).
+  const bool disjoint = j.sh > j.dh * (j.kh - 1) && j.sw > j.dw * (j.kw - 1);
+  std::vector<char> covered(static_cast<size_t>(disjoint ? j.h + j.w : 0), 0);
+  if (disjoint) {
+    for (int64_t oh = 0; oh < j.oh; ++oh) {
+      const Taps ti = taps(oh, j.sh, j.ph, j.dh, j.kh, j.h);
+      for (int64_t i = ti.lo; i < ti.hi; ++i)
+        covered[static_cast<size_t>(oh * j.sh - j.ph + i * j.dh)] = 1;
+    }
+    for (int64_t ow = 0; ow < j.ow; ++ow) {
+      const Taps tj = taps(ow, j.sw, j.pw, j.dw, j.kw, j.w);
+      for (int64_t t = tj.lo; t < tj.hi; ++t)
+        covered[static_cast<size_t>(j.h + ow * j.sw - j.pw + t * j.dw)] = 1;
+    }
+  }
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t n = unit / blocks, c0 = (unit % blocks) * kBlock;
     const int64_t nc = std::min(kBlock, j.c - c0);
     const T* x = static_cast<const T*>(j.x) + n * j.xs[0] + c0;
     const T* go = static_cast<const T*>(j.go) + n * j.gs[0] + c0 * j.gs[1];
     T* gi = static_cast<T*>(j.out) + n * hw * j.c + c0;
-    // Accumulator of pixel e, channel c: acc[e * ps + c].
+    // Accumulator of pixel e, channel c: acc[e * ps + c]. Disjoint windows write grad_input
+    // directly instead (below).
     constexpr bool kDirect = std::is_same_v<T, A>;
-    A* acc = kDirect ? reinterpret_cast<A*>(gi) : accumulators(gi, hw * nc);
+    A* acc = kDirect || disjoint ? nullptr : accumulators(gi, hw * nc);
+    if constexpr (kDirect) acc = reinterpret_cast<A*>(gi);
     const int64_t ps = kDirect ? j.c : nc;
-    for (int64_t e = 0; e < hw; ++e) std::fill(acc + e * ps, acc + e * ps + nc, A(0));
+    if (disjoint) {
+      for (int64_t e = 0; e < hw; ++e) {
+        if (!covered[static_cast<size_t>(e / j.w)] ||
+            !covered[static_cast<size_t>(j.h + e % j.w)]) {
+          std::fill(gi + e * j.c, gi + e * j.c + nc, static_cast<T>(0.0f));
+        }
+      }
+    } else {
+      for (int64_t e = 0; e < hw; ++e) std::fill(acc + e * ps, acc + e * ps + nc, A(0));
+    }
     alignas(64) A m[kBlock];
     alignas(64) A g[kBlock];
     alignas(64) int32_t sel[kBlock];
@@ -516,6 +545,17 @@ void backward_cl(const PoolJob& j, int64_t begin, int64_t end) {
         const T* gw = go + oh * j.gs[2] + ow * j.gs[3];
         for (int64_t c = 0; c < nc; ++c) g[c] = ld(gw + c * j.gs[1]);
         tap = 0;
+        if (disjoint) {  // every tap of the window is written, once
+          for (int64_t c = 0; c < nc; ++c) g[c] = A(0) + g[c];  // +0 for -0, as a sum from +0
+          for (int64_t i = ti.lo; i < ti.hi; ++i) {
+            for (int64_t t = tj.lo; t < tj.hi; ++t, ++tap) {
+              T* a = gi + ((ih0 + i * j.dh) * j.w + iw0 + t * j.dw) * j.c;
+#pragma omp simd
+              for (int64_t c = 0; c < nc; ++c) a[c] = static_cast<T>(keep_if(sel[c] == tap, g[c]));
+            }
+          }
+          continue;
+        }
         for (int64_t i = ti.lo; i < ti.hi; ++i) {
           for (int64_t t = tj.lo; t < tj.hi; ++t, ++tap) {
             A* a = acc + ((ih0 + i * j.dh) * j.w + iw0 + t * j.dw) * ps;
@@ -525,7 +565,7 @@ void backward_cl(const PoolJob& j, int64_t begin, int64_t end) {
         }
       }
     }
-    if constexpr (!kDirect) {
+    if (!kDirect && !disjoint) {
       for (int64_t e = 0; e < hw; ++e) {
         for (int64_t c = 0; c < nc; ++c) gi[e * j.c + c] = static_cast<T>(acc[e * nc + c]);
       }
