@@ -23,12 +23,14 @@
 //     depends only on the shapes (1, or up to 4 when there are few depth bands) and their
 //     partial sums are added in split order, so grad_weight does not depend on the thread
 //     count either.
-// Memory. The forward keeps nothing besides its outputs; while it runs it holds the padded
-//   input copy. The backward allocates G (the size of grad_output, rows padded to the vector
+// Memory. The forward keeps nothing besides its outputs; while it runs it uses the padded
+//   input copy. The backward uses G (the size of grad_output, rows padded to the vector
 //   width), a padded copy of G for a unit-stride input gradient, the weights rearranged and
 //   packed, and one small workspace per thread (by columns: a block of columns, at most about
 //   256 kB, and the padded image); grad_weight adds partial sums of up to 4
-//   weight-sized buffers. bench/bench_conv.py measures the peak against eager.
+//   weight-sized buffers. The padded copies, G and the workspaces are scratch memory that the
+//   thread keeps for the next call (cpu/scratch.h: no page faults on every call; at most
+//   256 MB per buffer is kept). bench/bench_conv.py measures the peak against eager.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -42,6 +44,7 @@
 #include "common/conv2d_act_args.h"
 #include "common/cpu_isa.h"
 #include "cpu/conv2d_act_kernels.h"
+#include "cpu/scratch.h"
 
 namespace mtlcore::cpu {
 
@@ -118,7 +121,8 @@ void for_each_gemm_job(const ConvKernels<T>& k, int64_t images, int64_t groups, 
   const int64_t wanted = 4 * at::get_num_threads();
   if (per_image * blocks < wanted) blocks = std::min(units, ceil_div(wanted, per_image));
   at::parallel_for(0, per_image * blocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> workspace(workspace_size);
+    const ScratchBuffer<T> workspace(ScratchSlot::kWorkerWorkspace, workspace_size);
+    std::fill(workspace.data(), workspace.data() + workspace_size, T(0));
     for (int64_t job_index = lo; job_index < hi; ++job_index) {
       const int64_t blk = job_index % blocks, ng = job_index / blocks;
       const int64_t p_begin = blk * units / blocks * unit;
@@ -129,14 +133,15 @@ void for_each_gemm_job(const ConvKernels<T>& k, int64_t images, int64_t groups, 
 }
 
 // A zero-padded copy of a [n, c, h, w] array (element strides `st`) as [n, c, h + top + bottom,
-// w + left + right] rows, plus `slack` zero elements at the end, for direct_gemm().
+// w + left + right] rows, plus `slack` zero elements at the end, for direct_gemm(), in scratch
+// memory.
 template <typename T>
-at::Tensor pad_images(const T* src, std::array<int64_t, 4> st, int64_t n, int64_t c, int64_t h,
-                      int64_t w, int64_t top, int64_t bottom, int64_t left, int64_t right,
-                      int64_t slack, const at::TensorOptions& options) {
+ScratchBuffer<T> pad_images(ScratchSlot slot, const T* src, std::array<int64_t, 4> st, int64_t n,
+                            int64_t c, int64_t h, int64_t w, int64_t top, int64_t bottom,
+                            int64_t left, int64_t right, int64_t slack) {
   const int64_t hp = h + top + bottom, wp = w + left + right, plane = hp * wp;
-  at::Tensor padded = at::empty({n * c * plane + slack}, options);
-  T* dst = padded.data_ptr<T>();
+  ScratchBuffer<T> padded(slot, n * c * plane + slack);
+  T* dst = padded.data();
   std::fill(dst + n * c * plane, dst + n * c * plane + slack, T(0));
   at::parallel_for(0, n * c, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
@@ -241,11 +246,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Te
         pack_groups(k, w.data_ptr<T>(), p.groups, kg, depth, block, w.options());
     const int64_t packed_size = k.packed_a_size(kg, depth, block);
     const int64_t hp = p.h + p.pad_top + p.pad_bottom, wp = p.w + p.pad_left + p.pad_right;
-    const at::Tensor padded =
-        pad_images(input.data_ptr<T>(), strides4(input), p.n, p.c, p.h, p.w, p.pad_top,
-                   p.pad_bottom, p.pad_left, p.pad_right, k.nr, input.options());
+    const ScratchBuffer<T> padded =
+        pad_images(ScratchSlot::kConvPaddedInput, input.data_ptr<T>(), strides4(input), p.n, p.c,
+                   p.h, p.w, p.pad_top, p.pad_bottom, p.pad_left, p.pad_right, k.nr);
     const std::vector<int64_t> offsets = window_offsets(cg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
-    const T* xp = padded.data_ptr<T>();
+    const T* xp = padded.data();
     for_each_gemm_job(k, p.n, p.groups, pixels, 0, channels ? 0 : p.ow,
                       [&](int64_t n, int64_t g, int64_t pb, int64_t pe, T*) {
                         const DirectGemmJob<T> job{packed.data_ptr<T>() + g * packed_size,
@@ -347,35 +352,37 @@ void input_grad_columns(const ConvKernels<T>& k, const Conv2dParams& p, const T*
                      (p.stride_w == 1 ? ceil_div(p.ow, k.lanes) * k.lanes - p.ow : 0);
   T* dx = grad_input.data_ptr<T>();
   at::parallel_for(0, p.n * p.groups, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> cols(rows * ld);
-    std::vector<T> padded(cg * hp * wp);
+    const ScratchBuffer<T> cols_buffer(ScratchSlot::kWorkerColumns, rows * ld);
+    const ScratchBuffer<T> image_buffer(ScratchSlot::kWorkerImage, cg * hp * wp);
+    T* cols = cols_buffer.data();
+    T* padded = image_buffer.data();
+    std::fill(cols, cols + rows * ld, T(0));
     for (int64_t job_index = lo; job_index < hi; ++job_index) {
       const int64_t n = job_index / p.groups, grp = job_index % p.groups;
-      std::fill(padded.begin(), padded.end(), T(0));
+      std::fill(padded, padded + cg * hp * wp, T(0));
       const T* rows_of_g = g + (n * p.k + grp * kg) * row_len;
       for (int64_t y0 = 0; y0 < p.oh; y0 += block_rows) {
         const int64_t y1 = std::min(p.oh, y0 + block_rows);
         // G's rows as one image row of `block` pixels starting at pixel y0 * ow.
-        const DirectGemmJob<T> job{
-            packed.data_ptr<T>() + grp * packed_size,
-            rows,
-            kg,
-            rows_of_g + y0 * p.ow,
-            offsets.data(),
-            0,
-            1,
-            block,
-            0,
-            (y1 - y0) * p.ow,
-            {cols.data(), nullptr, ld, nullptr, Activation::kIdentity, T(0)}};
+        const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
+                                   rows,
+                                   kg,
+                                   rows_of_g + y0 * p.ow,
+                                   offsets.data(),
+                                   0,
+                                   1,
+                                   block,
+                                   0,
+                                   (y1 - y0) * p.ow,
+                                   {cols, nullptr, ld, nullptr, Activation::kIdentity, T(0)}};
         (channels ? k.channel_gemm : k.direct_gemm)(job);
-        k.col2im({cols.data(), ld, y0, y1, p.ow, cg, p.r, p.s, p.stride_h, p.stride_w, p.dil_h,
-                  p.dil_w, padded.data(), hp * wp, wp});
+        k.col2im({cols, ld, y0, y1, p.ow, cg, p.r, p.s, p.stride_h, p.stride_w, p.dil_h, p.dil_w,
+                  padded, hp * wp, wp});
       }
       T* image = dx + (n * p.c + grp * cg) * pixels;
       for (int64_t c = 0; c < cg; ++c) {
         for (int64_t y = 0; y < p.h; ++y) {
-          const T* src = padded.data() + (c * hp + p.pad_top + y) * wp + p.pad_left;
+          const T* src = padded + (c * hp + p.pad_top + y) * wp + p.pad_left;
           std::copy(src, src + p.w, image + (c * p.h + y) * p.w);
         }
       }
@@ -432,11 +439,11 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
   if (direct) {
     const int64_t top = ext_h - p.pad_top, left = ext_w - p.pad_left;
     const int64_t hp = p.h + ext_h, wp = p.w + ext_w;
-    const at::Tensor padded =
-        pad_images(g, {p.k * row_len, row_len, p.ow, 1}, p.n, p.k, p.oh, p.ow, top,
-                   ext_h - p.pad_bottom, left, ext_w - p.pad_right, k.nr, grad_input.options());
+    const ScratchBuffer<T> padded =
+        pad_images(ScratchSlot::kConvPaddedGrad, g, {p.k * row_len, row_len, p.ow, 1}, p.n, p.k,
+                   p.oh, p.ow, top, ext_h - p.pad_bottom, left, ext_w - p.pad_right, k.nr);
     const std::vector<int64_t> offsets = window_offsets(kg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
-    const T* gp = padded.data_ptr<T>();
+    const T* gp = padded.data();
     for_each_gemm_job(k, p.n, p.groups, pixels, 0, channels ? 0 : p.w,
                       [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T*) {
                         const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
@@ -501,7 +508,8 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   T* dw = partial.data_ptr<T>();
   const T* x = input.data_ptr<T>();
   at::parallel_for(0, splits * p.groups * bands, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<T> workspace(k.workspace);
+    const ScratchBuffer<T> workspace(ScratchSlot::kWorkerWorkspace, k.workspace);
+    std::fill(workspace.data(), workspace.data() + k.workspace, T(0));
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item % bands, grp = (item / bands) % p.groups;
       const int64_t split = item / (bands * p.groups);
@@ -564,12 +572,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
     const int64_t row_len = ceil_div(p.oh * p.ow, k.lanes) * k.lanes;
     // G as [N, K, row_len], plus k.nr elements of zero slack read by input_grad_columns.
     const int64_t g_size = p.n * p.k * row_len;
-    at::Tensor g = at::empty({g_size + k.nr}, input.options());
-    std::fill(g.data_ptr<T>() + g_size, g.data_ptr<T>() + g_size + k.nr, T(0));
-    activation_grad(k, p, grad_output, saved, row_len, g.data_ptr<T>(),
+    const ScratchBuffer<T> g_buffer(ScratchSlot::kConvGrad, g_size + k.nr);
+    T* g = g_buffer.data();
+    std::fill(g + g_size, g + g_size + k.nr, T(0));
+    activation_grad(k, p, grad_output, saved, row_len, g,
                     output_mask[2] ? grad_bias.data_ptr<T>() : nullptr);
-    if (output_mask[0]) input_grad(k, p, g.data_ptr<T>(), row_len, w.data_ptr<T>(), grad_input);
-    if (output_mask[1]) weight_grad(k, p, g.data_ptr<T>(), row_len, input, grad_weight);
+    if (output_mask[0]) input_grad(k, p, g, row_len, w.data_ptr<T>(), grad_input);
+    if (output_mask[1]) weight_grad(k, p, g, row_len, input, grad_weight);
   });
   return {grad_input, grad_weight, grad_bias};
 }
