@@ -5,18 +5,9 @@
 #include <cmath>
 #include <string>
 
+#include "common/arg_checks.h"
+
 namespace mtlcore {
-
-namespace {
-
-void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
-  TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have 2 values (height, width), got ",
-                    v.size());
-  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, op, ": ", name,
-                    " must be >= ", min_value, ", got ", v);
-}
-
-}  // namespace
 
 Conv2dParams check_conv2d_act_args(const char* op, const at::Tensor& input,
                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -5,16 +5,11 @@
 
 #include <limits>
 
+#include "common/arg_checks.h"
+
 namespace mtlcore {
 
 namespace {
-
-void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min_value) {
-  TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have 2 values (height, width), got ",
-                    v.size());
-  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, op, ": ", name,
-                    " must be >= ", min_value, ", got ", v);
-}
 
 // F.max_pool2d's output size along one dimension (torch's pooling_output_shape, rounding the
 // division down); < 1 when the window does not fit.

@@ -14,6 +14,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/max_pool2d_args.h"
+#include "cpu/dtype_index.h"
 #include "cpu/max_pool2d_kernels.h"
 
 namespace mtlcore::cpu {
@@ -27,19 +28,6 @@ const MaxPoolLoops& loops() { MTLCORE_ISA_SELECT(max_pool_loops); }
 const std::vector<at::ScalarType>& cpu_dtypes() {
   static const std::vector<at::ScalarType> d = {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16};
   return d;
-}
-
-int dtype_index(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return 0;
-    case at::kDouble:
-      return 1;
-    case at::kHalf:
-      return 2;
-    default:
-      return 3;  // bfloat16 (the checks admit no other)
-  }
 }
 
 PoolJob make_job(const Pool2dParams& p, const at::Tensor& input, const at::Tensor& out) {
@@ -79,7 +67,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
   at::Tensor out = new_pool2d_tensor(p, input, p.oh, p.ow);
   if (out.numel() == 0) return out;
   const PoolJob job = make_job(p, input, out);
-  const int di = dtype_index(input.scalar_type());
+  const int di = dtype_index(input.scalar_type(), "mtlcore.max_pool2d");
   if (p.channels_last) {
     run(loops().forward_cl[di], job, p.n * p.oh, p.kh * p.ow * p.kw * p.c);
   } else {
@@ -101,7 +89,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
   PoolJob job = make_job(p, input, grad_input);
   job.go = grad_output.const_data_ptr();
   for (int d = 0; d < 4; ++d) job.gs[d] = grad_output.stride(d);
-  const int di = dtype_index(input.scalar_type());
+  const int di = dtype_index(input.scalar_type(), "mtlcore.max_pool2d_backward");
   if (p.channels_last) {
     const int64_t blocks = (p.c + kPoolChannelBlock - 1) / kPoolChannelBlock;
     run(loops().backward_cl[di], job, p.n * blocks, p.h * p.w * std::min(p.c, kPoolChannelBlock));

@@ -197,9 +197,12 @@ MTLCORE_INLINE int64_t float_blocks(int64_t ow_end, const Fwd8& f8, const Fwd4& 
 }
 #endif
 
-// A per-thread buffer of at least n values of type V (one per window of an output row).
-template <typename V>
-V* row_buffer(int64_t n) {
+// What a per-thread buffer holds; one buffer per use, so two buffers never alias.
+enum class BufferUse { kRowValues, kRowTaps, kRowGrads, kAccumulators, kTapOffsets };
+
+// A per-thread buffer of at least n values of type V for `kUse`, kept between calls.
+template <typename V, BufferUse kUse>
+V* thread_buffer(int64_t n) {
   thread_local std::vector<V> buffer;
   if (buffer.size() < static_cast<size_t>(n)) buffer.resize(static_cast<size_t>(n));
   return buffer.data();
@@ -315,7 +318,7 @@ void forward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
         }
         continue;
       }
-      A* m = row_buffer<A>(j.ow);
+      A* m = thread_buffer<A, BufferUse::kRowValues>(j.ow);
       select_row<T, false>(j, x, oh, m, nullptr);
       for (int64_t ow = 0; ow < j.ow; ++ow) yr[ow] = static_cast<T>(m[ow]);
     }
@@ -328,9 +331,7 @@ void forward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
 template <typename T>
 void backward_plane_2x2(const PoolJob& j, const T* x, const T* go, T* gi) {
   using A = Acc<T>;
-  thread_local std::vector<T> buffer;
-  if (buffer.size() < static_cast<size_t>(j.ow)) buffer.resize(static_cast<size_t>(j.ow));
-  T* row = buffer.data();
+  T* row = thread_buffer<T, BufferUse::kRowGrads>(j.ow);
   for (int64_t oh = 0; oh < j.oh; ++oh) {
     const T* r0 = x + 2 * oh * j.xs[2];
     const T* r1 = r0 + j.xs[2];
@@ -383,9 +384,7 @@ Acc<T>* accumulators(T* gi, int64_t elements) {
   if constexpr (std::is_same_v<T, Acc<T>>) {
     return gi;
   } else {
-    thread_local std::vector<Acc<T>> buffer;
-    if (buffer.size() < static_cast<size_t>(elements)) buffer.resize(static_cast<size_t>(elements));
-    return buffer.data();
+    return thread_buffer<Acc<T>, BufferUse::kAccumulators>(elements);
   }
 }
 
@@ -395,11 +394,9 @@ void backward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
   const bool fast = is_2x2(j) && j.xs[3] == 1;
   const int64_t hw = j.h * j.w;
   // Offset of tap i * kw + t from its window's origin (no division per window).
-  thread_local std::vector<int64_t> rel;
-  rel.resize(static_cast<size_t>(fast ? 0 : j.kh * j.kw));
+  int64_t* rel = thread_buffer<int64_t, BufferUse::kTapOffsets>(fast ? 0 : j.kh * j.kw);
   for (int64_t i = 0; i < (fast ? 0 : j.kh); ++i) {
-    for (int64_t t = 0; t < j.kw; ++t)
-      rel[static_cast<size_t>(i * j.kw + t)] = i * j.dh * j.w + t * j.dw;
+    for (int64_t t = 0; t < j.kw; ++t) rel[i * j.kw + t] = i * j.dh * j.w + t * j.dw;
   }
   for (int64_t plane = begin; plane < end; ++plane) {
     const int64_t n = plane / j.c, c = plane % j.c;
@@ -412,8 +409,8 @@ void backward_nchw(const PoolJob& j, int64_t begin, int64_t end) {
     }
     A* acc = accumulators(gi, hw);
     std::fill(acc, acc + hw, A(0));
-    A* m = row_buffer<A>(j.ow);
-    int32_t* best = row_buffer<int32_t>(j.ow);
+    A* m = thread_buffer<A, BufferUse::kRowValues>(j.ow);
+    int32_t* best = thread_buffer<int32_t, BufferUse::kRowTaps>(j.ow);
     for (int64_t oh = 0; oh < j.oh; ++oh) {
       select_row<T, true>(j, x, oh, m, best);
       // Window (oh, ow)'s tap i * kw + t is element (oh * sh - ph) * W + ow * sw - pw + rel.

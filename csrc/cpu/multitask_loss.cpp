@@ -23,6 +23,7 @@
 
 #include "common/cpu_isa.h"
 #include "common/multitask_loss_args.h"
+#include "cpu/dtype_index.h"
 #include "cpu/multitask_loss_kernels.h"
 
 namespace mtlcore::cpu {
@@ -33,21 +34,6 @@ constexpr int64_t kItemElements = 1 << 14;    // logits per work item (the ce bl
 constexpr int64_t kSerialElements = 1 << 14;  // below this, threads cost more than they save
 
 const MultitaskLossLoops& loops() { MTLCORE_ISA_SELECT(multitask_loss_loops); }
-
-int dtype_index(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return 0;
-    case at::kDouble:
-      return 1;
-    case at::kHalf:
-      return 2;
-    case at::kBFloat16:
-      return 3;
-    default:
-      TORCH_CHECK(false, "mtlcore.multitask_loss: unsupported dtype ", t);
-  }
-}
 
 struct WorkItem {
   size_t task;
@@ -131,7 +117,7 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
   std::vector<LossPartial> partials(items.size());
 
   const MultitaskLossLoops& table = loops();
-  const int di = dtype_index(p.dtype);
+  const int di = dtype_index(p.dtype, "mtlcore.multitask_loss");
   const LossOptions options{ignore_index, label_smoothing};
   const auto run = [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
@@ -229,7 +215,7 @@ void scale_grads(at::TensorList grads, const std::vector<at::Tensor>& out,
       const auto [i, b, e] = chunks[static_cast<size_t>(k)];
       const at::Tensor& g = grads[static_cast<size_t>(i)];
       const int64_t bytes = g.element_size() * b;
-      table.scale[dtype_index(g.scalar_type())](
+      table.scale[dtype_index(g.scalar_type(), "mtlcore.multitask_loss_backward")](
           static_cast<const char*>(g.const_data_ptr()) + bytes,
           static_cast<char*>(out[static_cast<size_t>(i)].data_ptr()) + bytes, e - b,
           coef[static_cast<size_t>(i)]);
