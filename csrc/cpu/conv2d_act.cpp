@@ -500,8 +500,9 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   const int64_t splits = p.groups * ceil_div(depth, 3) >= 16 ? 1 : std::min<int64_t>(p.n, 4);
   const int64_t wanted = 4 * at::get_num_threads();
   const int64_t bands_wanted = ceil_div(wanted, splits * p.groups);
-  const int64_t band = std::clamp<int64_t>(ceil_div(ceil_div(depth, bands_wanted), 3) * 3, 3,
-                                           k.max_weight_grad_rows);
+  // Bands of whole panels of k.nr depth rows (the kernel's tile width).
+  const int64_t band = std::clamp<int64_t>(ceil_div(ceil_div(depth, bands_wanted), k.nr) * k.nr,
+                                           k.nr, k.max_weight_grad_rows);
   const int64_t bands = ceil_div(depth, band);
   at::Tensor partial =
       splits == 1 ? grad_weight : at::empty({splits, p.k, depth}, grad_weight.options());

@@ -13,19 +13,21 @@
 //   registers and stored with masked stores at the right and bottom edges: the output is
 //   written once per depth block, and for depth <= kKc exactly once. identity, relu and
 //   leaky_relu are vector code; the other activations run element-wise on the stored tile.
-// Weight gradient. Dot products along pixels: kDotM x kDotN vector accumulators, G rows read in
-//   place (zero-padded), X rows gathered into chunks of up to kPc pixels (several small
-//   images, or part of a large one), the accumulators held in registers over a whole chunk.
-//   They stay lane-wise vectors across all images of the job; their lanes are added once at
-//   its end.
+// Weight gradient. Outer products summed over pixels: kMr channels of G (read in place,
+//   zero-padded rows, one broadcast each) times kNr depth rows of X (two vector loads), X rows
+//   gathered into chunks of up to kPc pixels (several small images, or part of a large one)
+//   and transposed into panels of kNr depth rows ([pixel][kNr]); the 2 * kMr vector
+//   accumulators stay in registers over a whole chunk, in memory between chunks.
 //   Each job owns a band of depth rows, so no reduction between threads is needed.
 // Numerics. Accumulation in T (float or double), fused multiply-add where the ISA has it (avx2,
 //   avx512), separate multiply and add in the base path. The depth sum of one output runs in
-//   depth order and every output is computed by one thread, so results do not depend on the
-//   thread count; they differ between ISA paths through FMA rounding and the lane count.
+//   depth order, the pixel sum of one weight-gradient element in pixel order (one chain), and
+//   every output is computed by one thread, so results do not depend on the thread count; they
+//   differ between ISA paths through FMA rounding and the lane count.
 #include "cpu/conv2d_act_kernels.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -179,15 +181,13 @@ T lane_sum(typename Simd<T>::V v) {
 constexpr int64_t kMr = 6;          // rows of A per micro-tile
 constexpr int64_t kKc = 128;        // depth rows per block
 constexpr int64_t kPanels = 8;      // B panels per pixel block
-constexpr int64_t kPc = 1024;       // pixels per weight-gradient chunk
-constexpr int64_t kDotM = 4;        // weight-gradient tile: rows of G ...
-constexpr int64_t kDotN = 3;        // ... times depth rows of X
-constexpr int64_t kMaxWgRows = 48;  // depth rows per weight-gradient job
+constexpr int64_t kPc = 256;        // pixels per weight-gradient chunk
+constexpr int64_t kMaxWgRows = 64;  // depth rows per weight-gradient job (whole panels)
 
 template <typename T>
 constexpr int64_t kNr = 2 * Simd<T>::kLanes;  // pixels per B panel
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------
 // Packing
@@ -613,68 +613,152 @@ void gemm(const GemmJob<T>& job, T* workspace) {
 // matching X columns at column `col` of the packed chunk, len (a multiple of the vector width)
 // columns.
 template <typename T>
-struct DotSegment {
+struct WgSegment {
   const T* g;
   int64_t col, len;
 };
 
-// Lane-wise dot products over the segments of a chunk: vacc[(i * ld_acc + j) * kLanes + lane]
-// += sum over the segments and t = lane (mod kLanes) of g[(k0 + i) * g_ld + t] * x[(j0 + j) *
-// ldx + col + t], for i < MI, j < NJ. The accumulators stay in registers across the segments
-// (the images of the chunk) and in vacc across chunks; their lanes are added once, at the end
-// of the job.
-template <int MI, int NJ, typename T>
-void dot_tile(const DotSegment<T>* segments, int64_t count, int64_t g_ld, int64_t k0,
-              const T* __restrict x, int64_t ldx, int64_t j0, T* vacc, int64_t ld_acc) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  constexpr int L = S::kLanes;
-  V s[MI][NJ];
-  for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < NJ; ++j) s[i][j] = S::load(vacc + (i * ld_acc + j) * L);
-  for (int64_t seg = 0; seg < count; ++seg) {
-    const T* __restrict a = segments[seg].g + k0 * g_ld;
-    const T* __restrict b = x + j0 * ldx + segments[seg].col;
-    const int64_t len = segments[seg].len;
-    for (int64_t t = 0; t < len; t += L) {
-      V bj[NJ];
-      for (int j = 0; j < NJ; ++j) bj[j] = S::load(b + j * ldx + t);
-      for (int i = 0; i < MI; ++i) {
-        const V ai = S::load(a + i * g_ld + t);
-        for (int j = 0; j < NJ; ++j) s[i][j] = S::fma(ai, bj[j], s[i][j]);
+// xt[(pn * ld_xt) + t * kNr + r] = rows[(pn * kNr + r) * ld + t] for t < width (a multiple of
+// the lanes) and every panel pn of kNr rows; rows beyond `count` read as zero.
+template <typename T>
+void transpose_panels(const T* rows, int64_t count, int64_t ld, int64_t width, T* xt,
+                      int64_t ld_xt) {
+  constexpr int64_t nr = kNr<T>;
+  for (int64_t pn = 0; pn * nr < count; ++pn) {
+    T* panel = xt + pn * ld_xt;
+    int64_t r = 0;
+#if defined(MTLCORE_ISA_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      // 8 x 8 blocks through registers.
+      for (; r + 8 <= nr && pn * nr + r + 8 <= count; r += 8) {
+        const float* src = rows + (pn * nr + r) * ld;
+        for (int64_t t = 0; t < width; t += 8) {
+          __m256 v[8];
+          for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + i * ld + t);
+          const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
+          const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
+          const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
+          const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
+          const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+          const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+          const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+          const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+          float* d = panel + t * nr + r;
+          _mm256_storeu_ps(d + 0 * nr, _mm256_permute2f128_ps(b0, b4, 0x20));
+          _mm256_storeu_ps(d + 1 * nr, _mm256_permute2f128_ps(b1, b5, 0x20));
+          _mm256_storeu_ps(d + 2 * nr, _mm256_permute2f128_ps(b2, b6, 0x20));
+          _mm256_storeu_ps(d + 3 * nr, _mm256_permute2f128_ps(b3, b7, 0x20));
+          _mm256_storeu_ps(d + 4 * nr, _mm256_permute2f128_ps(b0, b4, 0x31));
+          _mm256_storeu_ps(d + 5 * nr, _mm256_permute2f128_ps(b1, b5, 0x31));
+          _mm256_storeu_ps(d + 6 * nr, _mm256_permute2f128_ps(b2, b6, 0x31));
+          _mm256_storeu_ps(d + 7 * nr, _mm256_permute2f128_ps(b3, b7, 0x31));
+        }
+      }
+    }
+#endif
+    for (; r < nr; ++r) {
+      const int64_t row = pn * nr + r;
+      if (row < count) {
+        const T* src = rows + row * ld;
+        for (int64_t t = 0; t < width; ++t) panel[t * nr + r] = src[t];
+      } else {
+        for (int64_t t = 0; t < width; ++t) panel[t * nr + r] = T(0);
       }
     }
   }
-  for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < NJ; ++j) S::store(vacc + (i * ld_acc + j) * L, s[i][j]);
 }
 
+// Outer products over the segments of a chunk: acc[i][v * kLanes + lane] += sum over the
+// segments' pixels t of g[(k0 + i) * g_ld + t] * xt[t * kNr + v * kLanes + lane], for i < MI
+// channels of G (broadcast) and the kNr depth rows of one transposed X panel (two vectors).
+// The accumulators live in registers over the whole chunk and in `acc` (row stride ld_acc)
+// between chunks.
+template <int MI, typename T>
+void outer_tile(const WgSegment<T>* segments, int64_t count, int64_t g_ld, int64_t k0,
+                const T* __restrict xt, T* acc, int64_t ld_acc) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  constexpr int64_t nr = kNr<T>;
+  V c[MI][2];
+  for (int i = 0; i < MI; ++i) {
+    c[i][0] = S::load(acc + i * ld_acc);
+    c[i][1] = S::load(acc + i * ld_acc + L);
+  }
+  for (int64_t seg = 0; seg < count; ++seg) {
+    const T* __restrict a = segments[seg].g + k0 * g_ld;
+    const T* __restrict b = xt + segments[seg].col * nr;
+    const int64_t len = segments[seg].len;
+    for (int64_t t = 0; t < len; ++t) {
+      const V b0 = S::load(b + t * nr);
+      const V b1 = S::load(b + t * nr + L);
+#pragma GCC unroll 8
+      for (int i = 0; i < MI; ++i) {
+        const V ai = S::broadcast(a[i * g_ld + t]);
+        c[i][0] = S::fma(ai, b0, c[i][0]);
+        c[i][1] = S::fma(ai, b1, c[i][1]);
+      }
+    }
+  }
+  for (int i = 0; i < MI; ++i) {
+    S::store(acc + i * ld_acc, c[i][0]);
+    S::store(acc + i * ld_acc + L, c[i][1]);
+  }
+}
+
+// c[a][b] (row stride ld_c) += sum over the segments' pixels t of A[a][t] * bt[t][b] for
+// a < a_count (A rows of segment i at segments[i].g, a_ld apart) and every b of the
+// `panels` transposed panels of bt (panel stride kPc * kNr; pixel t of segment i at row
+// segments[i].col + t). A is cut into blocks of at most kMr rows of as equal sizes as
+// possible (32 rows: 5 or 6, not 6 x 5 + 2).
+template <typename T>
+void outer_products(const WgSegment<T>* segments, int64_t count, int64_t a_ld, int64_t a_count,
+                    const T* bt, int64_t panels, T* c, int64_t ld_c) {
+  constexpr int64_t nr = kNr<T>;
+  static_assert(kMr == 6, "one outer_tile per block height 1..kMr");
+  constexpr decltype(&outer_tile<1, T>) kTiles[] = {&outer_tile<1, T>, &outer_tile<2, T>,
+                                                    &outer_tile<3, T>, &outer_tile<4, T>,
+                                                    &outer_tile<5, T>, &outer_tile<6, T>};
+  const int64_t blocks = (a_count + kMr - 1) / kMr;
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t a0 = blk * a_count / blocks, a1 = (blk + 1) * a_count / blocks;
+      T* tile = c + a0 * ld_c + pn * nr;
+      const T* b = bt + pn * kPc * nr;
+      kTiles[a1 - a0 - 1](segments, count, a_ld, a0, b, tile, ld_c);
+    }
+  }
+}
+
+// dW[k][d] = sum over pixels of G[k][p] X[d][p]. Either G broadcast and X transposed (tiles of
+// kMr channels x kNr depth rows), or, when that computes fewer padding rows (e.g. 32 channels
+// and 11 depth rows: 32 x 16 against 32 x 11), X broadcast and G transposed (dW^T tiles).
 template <typename T>
 void weight_grad(const WeightGradJob<T>& job, T* workspace) {
-  constexpr int64_t L = Simd<T>::kLanes;
-  const int64_t rows = job.d_end - job.d_begin;
-  std::vector<T> vacc(job.m * rows * L, T(0));  // [k][d][lane]
-  const int64_t m_full = job.m / kDotM * kDotM, rows_full = rows / kDotN * kDotN;
+  constexpr int64_t L = Simd<T>::kLanes, nr = kNr<T>;
+  const int64_t rows = job.d_end - job.d_begin, m = job.m;
+  const int64_t rows_pad = round_up(rows, nr), m_pad = round_up(m, nr);
+  const bool swapped = m <= kMaxWgRows && m_pad * rows < rows_pad * m;
+  // Accumulators: [k][d] (row stride rows_pad), or [d][k] (row stride m_pad) when swapped.
+  std::vector<T> acc(swapped ? rows * m_pad : m * rows_pad, T(0));
+  T* bt = workspace + kMaxWgRows * kPc;  // the chunk's transposed operand
   // Chunks of up to kPc columns: several small images, or a part of a large one, so that the
   // accumulators stay in registers over long runs.
   constexpr int64_t kMaxSegments = kPc / L;
-  DotSegment<T> segments[kMaxSegments];
+  WgSegment<T> segments[kMaxSegments];  // G rows of the chunk's images
+  WgSegment<T> x_rows[kMaxSegments];    // X rows of the same pixels, in the workspace
   int64_t count = 0, width = 0;
   const auto flush = [&] {
-    const auto tile = [&](auto mi, auto nj, int64_t k, int64_t j) {
-      dot_tile<decltype(mi)::value, decltype(nj)::value>(
-          segments, count, job.g_ld, k, workspace, kPc, j, vacc.data() + (k * rows + j) * L, rows);
-    };
-    using One = std::integral_constant<int, 1>;
-    using M = std::integral_constant<int, kDotM>;
-    using N = std::integral_constant<int, kDotN>;
-    for (int64_t k = 0; k < m_full; k += kDotM) {
-      for (int64_t j = 0; j < rows_full; j += kDotN) tile(M{}, N{}, k, j);
-      for (int64_t j = rows_full; j < rows; ++j) tile(M{}, One{}, k, j);
-    }
-    for (int64_t k = m_full; k < job.m; ++k) {
-      for (int64_t j = 0; j < rows_full; j += kDotN) tile(One{}, N{}, k, j);
-      for (int64_t j = rows_full; j < rows; ++j) tile(One{}, One{}, k, j);
+    if (swapped) {
+      for (int64_t i = 0; i < count; ++i) {
+        transpose_panels(segments[i].g, m, job.g_ld, segments[i].len, bt + segments[i].col * nr,
+                         kPc * nr);
+        x_rows[i] = {workspace + segments[i].col, segments[i].col, segments[i].len};
+      }
+      outer_products(x_rows, count, kPc, rows, bt, m_pad / nr, acc.data(), m_pad);
+    } else {
+      transpose_panels(workspace, rows, kPc, width, bt, kPc * nr);
+      outer_products(segments, count, job.g_ld, m, bt, rows_pad / nr, acc.data(), rows_pad);
     }
     count = width = 0;
   };
@@ -693,11 +777,9 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
   }
   if (count > 0) flush();
   T* dw = job.dw + job.d_begin;
-  for (int64_t k = 0; k < job.m; ++k) {
-    for (int64_t j = 0; j < rows; ++j) {
-      T sum = 0;
-      for (int64_t lane = 0; lane < L; ++lane) sum += vacc[(k * rows + j) * L + lane];
-      dw[k * job.dw_ld + j] = sum;
+  for (int64_t k = 0; k < m; ++k) {
+    for (int64_t d = 0; d < rows; ++d) {
+      dw[k * job.dw_ld + d] = swapped ? acc[d * m_pad + k] : acc[k * rows_pad + d];
     }
   }
 }
@@ -790,6 +872,8 @@ double activation_grad_plane(Activation activation, T slope, const T* go, int64_
   });
 }
 
+// constexpr, so that the tables are constant-initialised: a dynamic initialiser of the avx512
+// copy would run AVX-512 instructions when the library loads, on any processor.
 template <typename T>
 constexpr ConvKernels<T> make_kernels() {
   return {kNr<T>,
@@ -797,7 +881,7 @@ constexpr ConvKernels<T> make_kernels() {
           kNr<T>,
           Simd<T>::kLanes,
           kMaxWgRows,
-          std::max(kKc * kPanels * kNr<T>, kMaxWgRows * kPc),
+          std::max(kKc * kPanels * kNr<T>, kMaxWgRows * kPc + round_up(kMaxWgRows, kNr<T>) * kPc),
           &packed_a_size<T>,
           &pack_a<T>,
           &gemm<T>,
