@@ -189,6 +189,9 @@ constexpr int64_t kNr = 2 * Simd<T>::kLanes;  // pixels per B panel
 
 constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// First row of block ib when m rows are cut into `blocks` blocks of as equal sizes as possible.
+constexpr int64_t balanced_start(int64_t m, int64_t blocks, int64_t ib) { return ib * m / blocks; }
+
 // ---------------------------------------------------------------------------------------------
 // Packing
 // ---------------------------------------------------------------------------------------------
@@ -198,17 +201,23 @@ int64_t packed_a_size(int64_t m, int64_t depth, int64_t block) {
 }
 
 // Packed A in row blocks of `block` rows: depth block starting at d0 (kc rows), row block ib at
-//   packed + d0 * round_up(m, block) + ib * kc * block, laid out [kc][block], rows >= m zero.
+//   packed + d0 * round_up(m, block) + ib * kc * block, laid out [kc][block]. Block ib holds
+//   rows [i0, i1), padded with zero rows to `block`: i0 = ib * block for the channel kernel's
+//   blocks, and for the pixel kernel's (block == kMr) the blocks are balanced, i0 =
+//   balanced_start(m, blocks, ib) (32 rows: 5, 6, 5, 5, 6, 5 instead of 6 x 5 + 2).
 template <typename T>
 void pack_a(const T* a, int64_t lda, int64_t m, int64_t depth, int64_t block, T* packed) {
-  const int64_t m_pad = round_up(m, block);
+  const int64_t m_pad = round_up(m, block), blocks = m_pad / block;
+  const bool balanced = block == kMr;
   for (int64_t d0 = 0; d0 < depth; d0 += kKc) {
     const int64_t kc = std::min(kKc, depth - d0);
-    for (int64_t i0 = 0; i0 < m_pad; i0 += block) {
-      T* dst = packed + d0 * m_pad + i0 * kc;
+    for (int64_t ib = 0; ib < blocks; ++ib) {
+      const int64_t i0 = balanced ? balanced_start(m, blocks, ib) : ib * block;
+      const int64_t i1 = balanced ? balanced_start(m, blocks, ib + 1) : std::min(m, i0 + block);
+      T* dst = packed + d0 * m_pad + ib * block * kc;
       for (int64_t d = 0; d < kc; ++d) {
         for (int64_t i = 0; i < block; ++i) {
-          dst[d * block + i] = i0 + i < m ? a[(i0 + i) * lda + d0 + d] : T(0);
+          dst[d * block + i] = i0 + i < i1 ? a[(i0 + i) * lda + d0 + d] : T(0);
         }
       }
     }
@@ -373,27 +382,27 @@ struct ImageWindow {
 // (kc x kNr); then applies the epilogue e from the registers to the tile's first `rows` rows
 // and `cols` pixels: partial sums of earlier depth blocks added, and after the last block
 // bias, preact and activation (masked loads/stores when cols < kNr).
-template <typename T, Activation A, typename B>
+template <typename T, Activation A, int MR, typename B>
 [[gnu::always_inline]] inline void micro_kernel(int64_t kc, const T* __restrict a, const B b,
                                                 const Epilogue<T>& e, int64_t i0, int64_t rows,
                                                 int64_t p, int64_t cols, bool first, bool last) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
-  V acc0[kMr], acc1[kMr];
+  V acc0[MR], acc1[MR];
 #pragma GCC unroll 8
-  for (int i = 0; i < kMr; ++i) acc0[i] = acc1[i] = S::zero();
+  for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = S::zero();
   for (int64_t d = 0; d < kc; ++d) {
     const T* bd = b.row(d);
     const V b0 = S::load(bd);
     const V b1 = S::load(bd + L);
 #pragma GCC unroll 8
-    for (int i = 0; i < kMr; ++i) {
+    for (int i = 0; i < MR; ++i) {
       const V ai = S::broadcast(a[i]);
       acc0[i] = S::fma(ai, b0, acc0[i]);
       acc1[i] = S::fma(ai, b1, acc1[i]);
     }
-    a += kMr;
+    a += kMr;  // blocks are packed kMr rows wide whatever MR
   }
   const bool full = cols == 2 * L;
   const int n0 = static_cast<int>(std::min<int64_t>(cols, L));
@@ -408,8 +417,8 @@ template <typename T, Activation A, typename B>
   };
   const V slope = S::broadcast(e.negative_slope);
 #pragma GCC unroll 8
-  for (int i = 0; i < kMr; ++i) {
-    if (i >= rows) break;  // rows of A beyond m are zero padding
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows) break;  // rows of A beyond the block are zero padding
     T* o = e.out + (i0 + i) * e.ld + p;
     V z0 = acc0[i], z1 = acc1[i];
     if (!first) {
@@ -450,13 +459,20 @@ template <typename T, Activation A, typename B>
   }
 }
 
-// All row blocks of A (one depth block, packed at a) against one B tile of `cols` pixels
-// starting at output pixel p.
+// All row blocks of A (one depth block, packed at a, see pack_a) against one B tile of `cols`
+// pixels starting at output pixel p. A block of 5 rows runs a 5-row kernel; other short
+// blocks (m < 20 and not a multiple of 6) run the 6-row one on zero rows.
 template <typename T, Activation A, typename B>
 void tile_rows(const T* a, int64_t kc, int64_t m, const B b, const Epilogue<T>& e, int64_t p,
                int64_t cols, bool first, bool last) {
-  for (int64_t i0 = 0; i0 < m; i0 += kMr) {
-    micro_kernel<T, A>(kc, a + i0 * kc, b, e, i0, std::min(kMr, m - i0), p, cols, first, last);
+  const int64_t blocks = (m + kMr - 1) / kMr;
+  for (int64_t ib = 0; ib < blocks; ++ib) {
+    const int64_t i0 = balanced_start(m, blocks, ib), rows = balanced_start(m, blocks, ib + 1) - i0;
+    if (rows == kMr - 1) {
+      micro_kernel<T, A, kMr - 1>(kc, a + ib * kMr * kc, b, e, i0, rows, p, cols, first, last);
+    } else {
+      micro_kernel<T, A, kMr>(kc, a + ib * kMr * kc, b, e, i0, rows, p, cols, first, last);
+    }
   }
 }
 
@@ -722,7 +738,8 @@ void outer_products(const WgSegment<T>* segments, int64_t count, int64_t a_ld, i
   const int64_t blocks = (a_count + kMr - 1) / kMr;
   for (int64_t pn = 0; pn < panels; ++pn) {
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t a0 = blk * a_count / blocks, a1 = (blk + 1) * a_count / blocks;
+      const int64_t a0 = balanced_start(a_count, blocks, blk);
+      const int64_t a1 = balanced_start(a_count, blocks, blk + 1);
       T* tile = c + a0 * ld_c + pn * nr;
       const T* b = bt + pn * kPc * nr;
       kTiles[a1 - a0 - 1](segments, count, a_ld, a0, b, tile, ld_c);
