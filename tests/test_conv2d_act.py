@@ -274,6 +274,46 @@ def test_cpu_results_do_not_depend_on_threads():
             assert torch.equal(a, b_)
 
 
+def test_cpu_scratch_memory_does_not_leak_between_calls():
+    """The CPU kernels keep their scratch buffers between calls (csrc/cpu/scratch.h): a larger
+    call that leaves NaN in every one of them must not change a later call's results."""
+    gen = torch.Generator().manual_seed(11)
+    cases = [  # (input shape, out channels, keyword arguments): the kernels' main paths
+        ((2, 3, 9, 9), 32, {"padding": 1}),
+        ((4, 16, 6, 6), 20, {}),
+        ((3, 8, 7, 5), 6, {"stride": 2, "padding": 1}),
+        ((2, 12, 8, 8), 12, {"padding": 1, "groups": 3}),
+    ]
+    inputs = [
+        (
+            torch.randn(shape, generator=gen),
+            torch.randn(k, shape[1] // kw.get("groups", 1), 3, 3, generator=gen),
+            kw,
+        )
+        for shape, k, kw in cases
+    ]
+
+    def run(x, w, kw, activation="relu", grad_value=1.0, op=ops.conv2d_act):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        b = torch.zeros(w.shape[0], requires_grad=True)
+        out = op(x, w, b, activation=activation, **kw)
+        grads = torch.autograd.grad(out, (x, w, b), torch.full_like(out, grad_value))
+        return [out, *grads]
+
+    before = [run(*case) for case in inputs]
+    nan = float("nan")
+    for kw in ({"padding": 1}, {}):  # NaN in the padded copies, G and every workspace
+        w = torch.randn(64, 48, 3, 3, generator=gen)
+        results = run(torch.full((8, 48, 20, 20), nan), w, kw, "identity", nan)
+        assert all(torch.isnan(r).all() for r in results)
+    after = [run(*case) for case in inputs]
+    for first, second, case in zip(before, after, inputs, strict=True):
+        expected = run(*case, op=reference.conv2d_act)
+        for a, b, ref in zip(first, second, expected, strict=True):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(b, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_every_isa_path_matches_the_reference(tmp_path):
     """The base, AVX2 and AVX-512 kernels (those this CPU runs) each match the reference."""
     script = (
