@@ -27,7 +27,6 @@
 #include "cpu/conv2d_act_kernels.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -625,9 +624,9 @@ void gemm(const GemmJob<T>& job, T* workspace) {
 // Weight gradient
 // ---------------------------------------------------------------------------------------------
 
-// A run of one image's pixels in a weight-gradient chunk: G rows at g (row stride g_ld), the
-// matching X columns at column `col` of the packed chunk, len (a multiple of the vector width)
-// columns.
+// A run of one image's pixels in a weight-gradient chunk: the broadcast operand's rows at g
+// (G's rows in place, or X's in the workspace when the roles swap), the same pixels at column
+// `col` of the chunk, len (a multiple of the vector width) columns.
 template <typename T>
 struct WgSegment {
   const T* g;
@@ -755,6 +754,7 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
   constexpr int64_t L = Simd<T>::kLanes, nr = kNr<T>;
   const int64_t rows = job.d_end - job.d_begin, m = job.m;
   const int64_t rows_pad = round_up(rows, nr), m_pad = round_up(m, nr);
+  // (The workspace holds transposed panels of at most kMaxWgRows rows, so G's m rows must fit.)
   const bool swapped = m <= kMaxWgRows && m_pad * rows < rows_pad * m;
   // Accumulators: [k][d] (row stride rows_pad), or [d][k] (row stride m_pad) when swapped.
   std::vector<T> acc(swapped ? rows * m_pad : m * rows_pad, T(0));
