@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common/cpu_isa.h"
+#include "cpu/output_cache.h"
 
 TORCH_LIBRARY(mtlcore, m) {
   // act(conv2d(input, weight, bias)) in one pass: the bias and the activation are applied to
@@ -120,9 +121,26 @@ pybind11::dict build_info() {
   return d;
 }
 
+pybind11::dict cpu_cache_stats() {
+  const mtlcore::cpu::OutputCacheStats s = mtlcore::cpu::output_cache_stats();
+  pybind11::dict d;
+  d["limit_bytes"] = s.limit_bytes;
+  d["cached_bytes"] = s.cached_bytes;
+  d["cached_blocks"] = s.cached_blocks;
+  d["allocated_bytes"] = s.allocated_bytes;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtlcore's compiled kernels; the ops are in torch.ops.mtlcore";
   m.def("build_info", &build_info, "How this extension was built and which CPU path it uses.");
+  m.def("cpu_cache_stats", &cpu_cache_stats, "The CPU output cache's counters.");
+  m.def("empty_cpu_cache", &mtlcore::cpu::empty_output_cache,
+        "Frees the memory the CPU output cache keeps.");
+  m.def("set_cpu_cache_limit", &mtlcore::cpu::set_output_cache_limit, pybind11::arg("bytes"),
+        "Sets the most bytes the CPU output cache keeps (0 turns it off).");
 }

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "common/arg_checks.h"
+#include "cpu/output_cache.h"
 
 namespace mtlcore {
 
@@ -97,9 +98,10 @@ void check_max_pool2d_backward_args(const char* op, const Pool2dParams& p, const
 
 at::Tensor new_pool2d_tensor(const Pool2dParams& p, const at::Tensor& input, int64_t rows,
                              int64_t cols) {
-  return at::empty({p.n, p.c, rows, cols},
-                   input.options().memory_format(p.channels_last ? at::MemoryFormat::ChannelsLast
-                                                                 : at::MemoryFormat::Contiguous));
+  return cpu::empty_output(
+      {p.n, p.c, rows, cols},
+      input.options().memory_format(p.channels_last ? at::MemoryFormat::ChannelsLast
+                                                    : at::MemoryFormat::Contiguous));
 }
 
 }  // namespace mtlcore

@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "cpu/output_cache.h"
+
 namespace mtlcore {
 
 namespace {
@@ -146,7 +148,8 @@ std::vector<at::Tensor> MultitaskLossProblem::new_grads(at::TensorList caller_lo
   std::vector<at::Tensor> grads;
   grads.reserve(caller_logits.size());
   for (const auto& x : caller_logits) {
-    grads.push_back(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
+    grads.push_back(
+        cpu::empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
   }
   return grads;
 }

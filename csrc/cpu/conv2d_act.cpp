@@ -44,6 +44,7 @@
 #include "common/conv2d_act_args.h"
 #include "common/cpu_isa.h"
 #include "cpu/conv2d_act_kernels.h"
+#include "cpu/output_cache.h"
 #include "cpu/scratch.h"
 
 namespace mtlcore::cpu {
@@ -219,9 +220,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& input, const at::Te
   const Conv2dParams p =
       check_conv2d_act_args("mtlcore.conv2d_act", input, weight, bias, stride, padding, dilation,
                             groups, activation, negative_slope, kDtypes);
-  at::Tensor out = at::empty(p.output_sizes(), input.options());
+  at::Tensor out = empty_output(p.output_sizes(), input.options());
   at::Tensor preact =
-      at::empty(with_preact ? p.output_sizes() : std::vector<int64_t>{0}, input.options());
+      empty_output(with_preact ? p.output_sizes() : std::vector<int64_t>{0}, input.options());
   if (out.numel() == 0) return {out, preact};
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
@@ -558,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
   check_conv2d_act_backward_args(op, p, input, grad_output, saved);
   const auto empty = [&] { return at::empty({0}, input.options()); };
   at::Tensor grad_input =
-      output_mask[0] ? at::empty({p.n, p.c, p.h, p.w}, input.options()) : empty();
+      output_mask[0] ? empty_output({p.n, p.c, p.h, p.w}, input.options()) : empty();
   at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), weight.options()) : empty();
   at::Tensor grad_bias = output_mask[2] ? at::empty({p.k}, weight.options()) : empty();
   if (p.n == 0) {

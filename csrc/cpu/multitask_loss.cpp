@@ -25,6 +25,7 @@
 #include "common/multitask_loss_args.h"
 #include "cpu/dtype_index.h"
 #include "cpu/multitask_loss_kernels.h"
+#include "cpu/output_cache.h"
 
 namespace mtlcore::cpu {
 
@@ -262,7 +263,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multitask_loss_backw
 
   std::vector<at::Tensor> grad_logits;
   for (const auto& g : grads) {
-    grad_logits.push_back(output_mask[0] ? at::empty(g.sizes(), g.options())
+    grad_logits.push_back(output_mask[0] ? empty_output(g.sizes(), g.options())
                                          : at::empty({0}, g.options()));
   }
   if (output_mask[0]) {
