@@ -727,6 +727,31 @@ def _():
 
 
 # --------------------------------------------------------------------------------------------
+# The CPU output cache
+# --------------------------------------------------------------------------------------------
+
+
+@case("set_cpu_cache_limit: negative", "nbytes")
+def _():
+    mtlcore.set_cpu_cache_limit(-1)
+
+
+@case("set_cpu_cache_limit: float", "nbytes")
+def _():
+    mtlcore.set_cpu_cache_limit(1.5)
+
+
+@case("set_cpu_cache_limit: bool", "nbytes")
+def _():
+    mtlcore.set_cpu_cache_limit(True)
+
+
+@case("set_cpu_cache_limit: NaN", "nbytes")
+def _():
+    mtlcore.set_cpu_cache_limit(math.nan)
+
+
+# --------------------------------------------------------------------------------------------
 # Not part of the table: cases that check the runner itself (tests/test_bad_input.py).
 # --------------------------------------------------------------------------------------------
 
