@@ -231,7 +231,9 @@ def test_a_forked_child_allocates_and_frees_outputs():
     assert queue.get(timeout=5)
 
 
-@pytest.mark.parametrize("value,ok", [("0", True), ("64", True), ("lots", False), ("-1", False)])
+@pytest.mark.parametrize(
+    "value,ok", [("0", True), ("64", True), ("lots", False), ("-1", False), ("9" * 20, False)]
+)
 def test_the_environment_variable_sets_the_limit(value, ok):
     script = (
         "import torch, mtlcore\n"

@@ -43,7 +43,7 @@ class OutputCache final : public c10::Allocator {
     if (env != nullptr && *env != '\0') {
       char* end = nullptr;
       const long long v = std::strtoll(env, &end, 10);
-      TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0,
+      TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0 && v < (1LL << 40),
                         "MTLCORE_CPU_CACHE_MB must be a whole number of megabytes >= 0, got '", env,
                         "'");
       mb = v;
