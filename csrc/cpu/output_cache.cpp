@@ -132,12 +132,13 @@ class OutputCache final : public c10::Allocator {
     for (void* p : dropped) c10::free_cpu(p);
   }
 
-  // In a child after fork(): another thread of the parent may have held the mutex, mid-update.
-  // The child starts with a fresh mutex and no kept blocks (the parent's stay unused in the
-  // child's copy of its memory, untouched, so they cost no pages).
+  // In a child after fork(): another thread of the parent may have held the mutex, mid-update
+  // of the list. The child starts with a fresh mutex and a fresh list, leaking the old one and
+  // the parent's kept blocks (untouched in the child's copy of its memory, so they cost no
+  // pages).
   void reset_after_fork() {
     new (&mutex_) std::mutex();
-    kept_.clear();
+    new (&kept_) std::vector<Block>();
     cached_ = 0;
   }
 
