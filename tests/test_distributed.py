@@ -73,3 +73,23 @@ def test_gradient_based_weighting_keeps_the_ranks_in_step(tmp_path):
     r0, r1 = torch.load(f"{out}.rank0"), torch.load(f"{out}.rank1")
     for name, p in r0.items():
         assert torch.equal(p, r1[name]), name
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_train_job_under_torchrun_destroys_the_group_it_created(tmp_path):
+    """`torchrun -m mtlcore train` (README): the job joins a gloo group, trains, evaluates on
+    every rank, and destroys the group before it returns."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = Path(__file__).with_name("ddp_job_worker.py")
+    launch = [*torchrun(), "--standalone", "--nproc_per_node", "2", str(worker)]
+    proc = subprocess.run(
+        [*launch, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accuracies = [
+        float(line.split()[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith("job-accuracy")
+    ]
+    assert len(accuracies) == 2 and accuracies[0] == accuracies[1], proc.stdout
+    assert (tmp_path / "run" / "checkpoint.pt").exists()

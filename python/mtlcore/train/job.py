@@ -170,18 +170,20 @@ def _fit(
 
 def _setup_distributed(
     device: str, log: Callable[[str], None]
-) -> tuple[str, Callable[[str], None]]:
+) -> tuple[str, Callable[[str], None], bool]:
     """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL for CUDA, gloo on the
-    CPU), gives each rank its GPU, and lets only rank 0 print."""
+    CPU), gives each rank its GPU, and lets only rank 0 print. The flag says whether this call
+    created the group (the caller then destroys it when it is done)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device, log
+        return device, log, False
     cuda = torch.device(device).type == "cuda"
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
-    return device, (log if dist.get_rank() == 0 else (lambda _msg: None))
+    return device, (log if dist.get_rank() == 0 else (lambda _msg: None)), created
 
 
 def _step_throughput(
@@ -239,58 +241,69 @@ def train_job(
     killed ends with the parameters an uninterrupted one reaches)."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    device, log = _setup_distributed(device, log)
-    train, test, tasks, channels, size = load_data(data, samples, seed, data_dir, log)
-    data = {MultiFashion: "multifashion", Shapes: "shapes"}.get(type(train), "cifar10")
-    args = {
-        "data": data,
-        "data_dir": data_dir,
-        "samples": samples,
-        "weighting": weighting,
-        "weighting_on": weighting_on,
-        "autocast": autocast,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "optimizer": optimizer,
-        "lr": lr,
-        "device": device,
-        "seed": seed,
-        "progress": progress,
-        "resume": resume,
-    }
-    log(
-        f"{type(train).__name__}: {len(train)} train / {len(test)} test images; tasks: "
-        + ", ".join(f"{t.name} ({t.kind})" for t in tasks)
-    )
-    log("multi-task model (one SmallCNN trunk, one head per task):")
-    results, speed = _fit(tasks, train, test, channels, size, args, log, out_dir)
-    log(f"  {speed:.0f} images/s on {device} (training)")
-    single: dict[str, dict[str, float]] = {}
-    if baselines:
-        for task in tasks:
-            log(f"single-task baseline: {task.name}")
-            single[task.name] = _fit([task], train, test, channels, size, args, log)[0][task.name]
-    log("test metrics" + (" (multi-task | single-task)" if baselines else "") + ":")
-    for task in tasks:
-        cells = []
-        for m, v in results[task.name].items():
-            cells.append(f"{m} {v:.4f}" + (f" | {single[task.name][m]:.4f}" if baselines else ""))
-        log(f"  {task.name:9s} " + ", ".join(cells))
-    if compare_plain:
-        fused_speed, plain_speed = _step_throughput(
-            tasks, train, channels, size, batch_size, device
-        )
+    device, log, created = _setup_distributed(device, log)
+    try:
+        train, test, tasks, channels, size = load_data(data, samples, seed, data_dir, log)
+        data = {MultiFashion: "multifashion", Shapes: "shapes"}.get(type(train), "cifar10")
+        args = {
+            "data": data,
+            "data_dir": data_dir,
+            "samples": samples,
+            "weighting": weighting,
+            "weighting_on": weighting_on,
+            "autocast": autocast,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            "lr": lr,
+            "device": device,
+            "seed": seed,
+            "progress": progress,
+            "resume": resume,
+        }
         log(
-            f"training step of this model (batch {batch_size}): mtlcore {fused_speed:.0f} "
-            f"images/s, plain PyTorch {plain_speed:.0f} images/s ({fused_speed / plain_speed:.2f}x)"
+            f"{type(train).__name__}: {len(train)} train / {len(test)} test images; tasks: "
+            + ", ".join(f"{t.name} ({t.kind})" for t in tasks)
         )
-    if baselines:
-        from mtlcore.tasks import multitask_gain
+        log("multi-task model (one SmallCNN trunk, one head per task):")
+        results, speed = _fit(tasks, train, test, channels, size, args, log, out_dir)
+        log(f"  {speed:.0f} images/s on {device} (training)")
+        single: dict[str, dict[str, float]] = {}
+        if baselines:
+            for task in tasks:
+                log(f"single-task baseline: {task.name}")
+                single[task.name] = _fit([task], train, test, channels, size, args, log)[0][
+                    task.name
+                ]
+        log("test metrics" + (" (multi-task | single-task)" if baselines else "") + ":")
+        for task in tasks:
+            cells = []
+            for m, v in results[task.name].items():
+                cells.append(
+                    f"{m} {v:.4f}" + (f" | {single[task.name][m]:.4f}" if baselines else "")
+                )
+            log(f"  {task.name:9s} " + ", ".join(cells))
+        if compare_plain:
+            fused_speed, plain_speed = _step_throughput(
+                tasks, train, channels, size, batch_size, device
+            )
+            log(
+                f"training step of this model (batch {batch_size}): mtlcore "
+                f"{fused_speed:.0f} images/s, plain PyTorch {plain_speed:.0f} images/s "
+                f"({fused_speed / plain_speed:.2f}x)"
+            )
+        if baselines:
+            from mtlcore.tasks import multitask_gain
 
-        gain = multitask_gain(tasks, results, single)
-        results["multitask_gain"] = {"delta_m": gain}
-        log(f"  multi-task gain over the single-task models: {gain:+.2f}%")
-    return results
+            gain = multitask_gain(tasks, results, single)
+            results["multitask_gain"] = {"delta_m": gain}
+            log(f"  multi-task gain over the single-task models: {gain:+.2f}%")
+        return results
+    finally:
+        # A group this job created ends with it, while the interpreter is fully alive: a rank
+        # that leaves gloo's threads running into the interpreter's shutdown may abort there.
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def evaluate_checkpoint(
