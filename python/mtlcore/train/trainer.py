@@ -24,6 +24,14 @@ from mtlcore.train.checkpoint import get_rng_state, load_checkpoint, save_checkp
 from mtlcore.train.plots import have_matplotlib, save_plots
 from mtlcore.weighting import LossWeighting
 
+if dist.is_available():
+    # DistributedDataParallel imports this module on first use, and its functions take the
+    # default group as default arguments: imported after init_process_group, they keep that
+    # group alive for good (destroy_process_group then leaves gloo's threads running into the
+    # interpreter's shutdown, where a rank can abort). Imported here, before a group exists,
+    # their defaults are None.
+    import torch.distributed.nn.functional
+
 __all__ = ["Trainer"]
 
 Batch = tuple[Tensor, dict[str, Tensor]]
