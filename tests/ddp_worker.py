@@ -57,7 +57,8 @@ def main(out: str, batch: int, out_dir: str | None, weighting: str | None = None
         # end here, not in the interpreter's shutdown.
         del trainer, model
         gc.collect()
-        assert not gloo_threads(), f"rank {rank}: gloo threads still run: {gloo_threads()}"
+        left = gloo_threads()
+        assert not left, f"rank {rank}: gloo threads still run: {left}"
 
 
 if __name__ == "__main__":

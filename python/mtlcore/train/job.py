@@ -4,9 +4,10 @@ single-task baselines trained with the same budget (and the multi-task gain Δm%
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -168,22 +169,29 @@ def _fit(
     return trainer.evaluate(test), images_per_s
 
 
-def _setup_distributed(
+@contextlib.contextmanager
+def _distributed(
     device: str, log: Callable[[str], None]
-) -> tuple[str, Callable[[str], None], bool]:
+) -> Iterator[tuple[str, Callable[[str], None]]]:
     """Under torchrun (WORLD_SIZE > 1): joins the process group (NCCL for CUDA, gloo on the
-    CPU), gives each rank its GPU, and lets only rank 0 print. The flag says whether this call
-    created the group (the caller then destroys it when it is done)."""
+    CPU), gives each rank its GPU, and lets only rank 0 print. A group created here is destroyed
+    on the way out, while the interpreter is fully alive: a rank that leaves gloo's threads
+    running into the interpreter's shutdown may abort there."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device, log, False
+        yield device, log
+        return
     cuda = torch.device(device).type == "cuda"
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    return device, (log if dist.get_rank() == 0 else (lambda _msg: None)), created
+    try:
+        if cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        yield device, (log if dist.get_rank() == 0 else (lambda _msg: None))
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _step_throughput(
@@ -241,8 +249,7 @@ def train_job(
     killed ends with the parameters an uninterrupted one reaches)."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    device, log, created = _setup_distributed(device, log)
-    try:
+    with _distributed(device, log) as (device, log):
         train, test, tasks, channels, size = load_data(data, samples, seed, data_dir, log)
         data = {MultiFashion: "multifashion", Shapes: "shapes"}.get(type(train), "cifar10")
         args = {
@@ -299,11 +306,6 @@ def train_job(
             results["multitask_gain"] = {"delta_m": gain}
             log(f"  multi-task gain over the single-task models: {gain:+.2f}%")
         return results
-    finally:
-        # A group this job created ends with it, while the interpreter is fully alive: a rank
-        # that leaves gloo's threads running into the interpreter's shutdown may abort there.
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def evaluate_checkpoint(
