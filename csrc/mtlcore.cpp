@@ -55,16 +55,20 @@ TORCH_LIBRARY(mtlcore, m) {
       "multitask_loss(Tensor[] logits, Tensor[] targets, str[] kinds, Tensor? weights, "
       "Tensor? relation, int ignore_index, float label_smoothing) -> "
       "(Tensor total, Tensor per_task)");
-  // The same, also returning what backward needs: grad_scale[i] = 1 / (valid elements of task
-  // i), or 0 when it has none, and grads[i], the gradient of task i's summed loss with respect
-  // to logits[i] (contiguous, logits' dtype), computed in the same pass as the loss.
+  // The same, also returning what backward needs: grads[i] (contiguous, logits' dtype),
+  // computed in the same pass as the loss, and grad_scale[i], with
+  // grads[i] / grad_scale[i] = d per_task[i] / d logits[i] (grad_scale[i] = 0 when task i has
+  // no valid label). On the CPU grads[i] is already d total / d logits[i] when every label of
+  // task i is present (grad_scale[i] = w_i; grads[i] is the gradient of the summed loss times
+  // w_i / positions_i); on CUDA it is the gradient of the summed loss (grad_scale[i] = count).
   m.def(
       "multitask_loss_with_grad(Tensor[] logits, Tensor[] targets, str[] kinds, Tensor? weights, "
       "Tensor? relation, int ignore_index, float label_smoothing) -> "
       "(Tensor total, Tensor per_task, Tensor grad_scale, Tensor[] grads)");
   // Gradients of multitask_loss from those of total ([]) and per_task ([T]), either may be
   // absent. Only scales the forward's gradients: grad_logits[i] = coef_i * grads[i] with
-  // coef_i = (grad_total * (w_i + sum_j (R_ij + R_ji) L_j) + grad_per_task_i) * grad_scale_i;
+  // coef_i = (grad_total * (w_i + sum_j (R_ij + R_ji) L_j) + grad_per_task_i) / grad_scale_i
+  // (0 when grad_scale_i is 0);
   // grad_weights = grad_total * L, grad_relation = grad_total * L L^T. output_mask says which
   // of (grad_logits, grad_weights, grad_relation) to compute; the others come back empty.
   m.def(
@@ -74,7 +78,7 @@ TORCH_LIBRARY(mtlcore, m) {
       "Tensor grad_relation)");
   // multitask_loss_backward's scaling done in place on grads (the forward's gradients become
   // those of the logits): what the autograd node uses when the graph is not kept, saving an
-  // allocation and a pass over fresh memory.
+  // allocation and a pass over fresh memory. A task whose coefficient is 1 is not touched.
   m.def(
       "multitask_loss_backward_(Tensor? grad_total, Tensor? grad_per_task, Tensor per_task, "
       "Tensor grad_scale, Tensor(a!)[] grads, Tensor? weights, Tensor? relation) -> ()");

@@ -314,6 +314,101 @@ def test_backward_twice_with_retain_graph(device):
         torch.autograd.grad(out, p.leaves)
 
 
+LOW_PRECISION_RTOL = {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(4))
+def test_forward_gradients_over_grad_scale_are_the_task_gradients(device, dtype, seed):
+    """multitask_loss_with_grad's contract, whatever a device pre-scales: grads[i] /
+    grad_scale[i] = d per_task[i] / d logits[i], and grad_scale[i] = 0 (grads[i] = 0) for a
+    task without a valid label."""
+    p = random_problem(seed, device, dtype)
+    detached = [x.detach() for x in p.logits]
+    w = None if p.weights is None else p.weights.detach()
+    r = None if p.relation is None else p.relation.detach()
+    _, _, grad_scale, grads = torch.ops.mtlcore.multitask_loss_with_grad(
+        detached, p.targets, p.kinds, w, r, p.ignore_index, p.label_smoothing
+    )
+    x64 = [x.double().requires_grad_() for x in detached]
+    y64 = [y.double() if y.is_floating_point() else y for y in p.targets]
+    _, per_task = reference.multitask_loss(x64, y64, p.kinds, **p.kwargs())
+    for i, (g, x) in enumerate(zip(grads, x64, strict=True)):
+        (expected,) = torch.autograd.grad(per_task[i], [x], retain_graph=True)
+        if float(grad_scale[i]) == 0.0:
+            assert torch.equal(expected, torch.zeros_like(expected)), i
+            assert torch.equal(g, torch.zeros_like(g)), i
+            continue
+        rtol = 1e-10 if dtype == torch.float64 else LOW_PRECISION_RTOL[dtype]
+        assert_close(g.double() / grad_scale[i].double(), expected, rtol, f"task {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_forward_writes_final_gradients_and_backward_leaves_them(dtype):
+    """On the CPU the forward writes task i's gradient times w_i / n_i (n_i its positions): with
+    every label present, the gradient 1 into total and no relation, that is d total / d logits,
+    grad_scale[i] is w_i, and the in-place backward returns the saved gradients untouched (no
+    pass over them). They are still the right gradients."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(64, 10), (4, 5, 8, 8), (64, 7), (3, 300)]
+    kinds = ["ce", "ce", "bce", "mse"]
+    base = [torch.randn(s, generator=g) for s in shapes]
+    targets = [
+        torch.randint(10, (64,), generator=g),
+        torch.randint(5, (4, 8, 8), generator=g),
+        torch.rand(64, 7, generator=g),
+        torch.randn(3, 300, generator=g),
+    ]
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.tensor([0.3, 1.7, 0.05, 1.0], dtype=loss_dtype)
+    targets = [y.to(dtype) if y.is_floating_point() else y for y in targets]
+    logits = [x.to(dtype).requires_grad_() for x in base]
+    _, _, grad_scale, forward_grads = torch.ops.mtlcore.multitask_loss_with_grad(
+        [x.detach() for x in logits], targets, kinds, weights, None, -100, 0.0
+    )
+    assert torch.equal(grad_scale, weights)
+    total, _ = ops.multitask_loss(logits, targets, kinds, weights)
+    got = torch.autograd.grad(total, logits)
+    x64 = [x.detach().double().requires_grad_() for x in logits]
+    y64 = [y.double() if y.is_floating_point() else y for y in targets]
+    ref_total, _ = reference.multitask_loss(x64, y64, kinds, weights.double())
+    expected = torch.autograd.grad(ref_total, x64)
+    rtol = 1e-10 if dtype == torch.float64 else LOW_PRECISION_RTOL[dtype]
+    for i, (a, f, e) in enumerate(zip(got, forward_grads, expected, strict=True)):
+        assert torch.equal(a, f), f"task {i}: backward changed a final gradient"
+        assert_close(a.double(), e, rtol, f"task {i}")
+
+
+def test_cpu_gradients_with_weights_the_forward_does_not_prescale_by():
+    """Weights whose w_i / n_i the forward does not write the gradient times (zero, tiny, huge,
+    negative), with gradients flowing into total and per_task, missing labels and half logits
+    (whose gradients are never pre-scaled): the gradients match the float64 reference."""
+    g = torch.Generator().manual_seed(9)
+    kinds = ["ce", "bce", "mse", "l1", "ce"]
+    shapes = [(1, 4), (2, 3), (64, 5), (1, 1), (300, 3)]
+    targets = [
+        torch.tensor([2]),
+        torch.rand(2, 3, generator=g),
+        torch.randn(64, 5, generator=g),
+        torch.tensor([[float("nan")]]),
+        torch.randint(3, (300,), generator=g),
+    ]
+    targets[4][:7] = -100
+    weights = torch.tensor([0.0, 1e-12, 5e3, -0.5, 2.0])
+    mix = torch.randn(5, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        logits = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+        ys = [y.to(dtype) if y.is_floating_point() else y for y in targets]
+        total, per_task = ops.multitask_loss(logits, ys, kinds, weights)
+        got = torch.autograd.grad(total + (mix * per_task).sum(), logits)
+        x64 = [x.detach().double().requires_grad_() for x in logits]
+        y64 = [y.double() if y.is_floating_point() else y for y in ys]
+        ref_total, ref_pt = reference.multitask_loss(x64, y64, kinds, weights.double())
+        expected = torch.autograd.grad(ref_total + (mix.double() * ref_pt).sum(), x64)
+        for i, (a, e) in enumerate(zip(got, expected, strict=True)):
+            assert_close(a.double(), e, LOW_PRECISION_RTOL[dtype], f"{dtype} task {i}")
+
+
 def test_memory_kept_for_backward_is_the_logits_size(device):
     """What the graph node saves: one gradient per task, the logits' size and dtype, plus
     T-sized tensors (per-task losses, scales, weights, relation)."""

@@ -234,14 +234,15 @@ double coupled_total(int64_t t, const double* loss, const double* w, const doubl
 }
 
 void coupled_coefficients(int64_t t, const double* loss, const double* w, const double* r,
-                          double g_total, const double* g_per_task, const double* scale,
+                          double g_total, const double* g_per_task, const double* grad_scale,
                           double* coef) {
   for (int64_t i = 0; i < t; ++i) {
     double d = w ? w[i] : 1.0;
     if (r != nullptr) {
       for (int64_t j = 0; j < t; ++j) d += (r[i * t + j] + r[j * t + i]) * loss[j];
     }
-    coef[i] = (g_total * d + (g_per_task ? g_per_task[i] : 0.0)) * scale[i];
+    const double num = g_total * d + (g_per_task ? g_per_task[i] : 0.0);
+    coef[i] = grad_scale[i] != 0.0 ? num / grad_scale[i] : 0.0;
   }
 }
 

@@ -37,8 +37,9 @@ struct TaskView {
   int64_t target_stride;  // elements between items of the targets
   const void* logits;
   const void* target;
-  void* grad;              // contiguous, logits' dtype; null when the gradient is not wanted
-  bool target_is_float32;  // bce/mse/l1 targets: float32 rather than the logits' dtype
+  void* grad;                // contiguous, logits' dtype; null when the gradient is not wanted
+  bool target_is_float32;    // bce/mse/l1 targets: float32 rather than the logits' dtype
+  double grad_factor = 1.0;  // the gradient is written times this (see the CPU forward)
 
   int64_t numel() const { return batch * classes * inner; }
 };
@@ -74,7 +75,7 @@ MultitaskLossProblem check_multitask_loss_args(const char* op, at::TensorList lo
 
 // Checks the backward op's arguments: T = per_task.numel(), grad_scale [T] and the optional
 // incoming gradients ([] and [T]) in per_task's dtype and device, grads[i] (the forward's
-// unscaled gradients, possibly empty tensors when not wanted), weights [T], relation [T, T].
+// gradients, possibly empty tensors when not wanted), weights [T], relation [T, T].
 void check_multitask_loss_backward_args(const char* op, const std::optional<at::Tensor>& grad_total,
                                         const std::optional<at::Tensor>& grad_per_task,
                                         const at::Tensor& per_task, const at::Tensor& grad_scale,
@@ -84,11 +85,14 @@ void check_multitask_loss_backward_args(const char* op, const std::optional<at::
 
 // Host reference of the coupling, in double, for tiny T-sized tensors:
 //   total = sum_i w_i L_i + sum_ij R_ij L_i L_j,
-//   coef_i = (g_total * (w_i + sum_j (R_ij + R_ji) L_j) + g_i) * scale_i.
+//   coef_i = (g_total * (w_i + sum_j (R_ij + R_ji) L_j) + g_i) / grad_scale_i (0 where
+//   grad_scale_i is 0: a task without valid labels),
+// the factor that turns the forward's gradient grads[i] into d total / d logits[i] (the forward
+// returns grads[i] and grad_scale[i] with grads[i] / grad_scale[i] = d L_i / d logits[i]).
 // w or r may be null (ones / zero), g_per_task null (zero).
 double coupled_total(int64_t t, const double* loss, const double* w, const double* r);
 void coupled_coefficients(int64_t t, const double* loss, const double* w, const double* r,
-                          double g_total, const double* g_per_task, const double* scale,
+                          double g_total, const double* g_per_task, const double* grad_scale,
                           double* coef);
 
 }  // namespace mtlcore

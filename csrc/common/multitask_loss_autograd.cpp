@@ -1,10 +1,11 @@
 // Autograd of mtlcore.multitask_loss, in C++ (registered for the Autograd dispatch key).
 //
 // The forward runs multitask_loss_with_grad below autograd: one pass over the logits gives the
-// losses and the unscaled gradients, which the graph node keeps (one tensor the size of the
-// logits per task, in their dtype; nothing else of size). Its backward calls
-// multitask_loss_backward, which only scales them. A Python autograd registration would cost
-// tens of microseconds per call in Python; the loss is called once per training step on small
+// losses and the gradients, which the graph node keeps (one tensor the size of the logits per
+// task, in their dtype; nothing else of size). Its backward calls multitask_loss_backward,
+// which only scales them (on the CPU, in the common case, not even that: see
+// multitask_loss_with_grad's schema comment in mtlcore.cpp). A Python autograd registration would
+// cost tens of microseconds per call in Python; the loss is called once per training step on small
 // heads, where that overhead would be most of the time.
 //
 // Without grad mode, or with no input that requires grad, the call goes straight to the

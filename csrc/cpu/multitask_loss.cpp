@@ -9,7 +9,9 @@
 //   Items depend only on the shapes, so per-item sums added in list order give results that do
 //   not depend on the thread count. Calls with few elements run on the calling thread.
 // Numerics: per-element math in float (double for double logits), loss sums in double; the
-//   coupling and the backward coefficients in double (tiny T-sized arrays).
+//   coupling and the backward coefficients in double (tiny T-sized arrays). The forward writes
+//   each gradient already times w_i / n_i (see grad_factor), which makes it final in the
+//   common case: the in-place backward then leaves it untouched.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,6 +20,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -98,6 +101,26 @@ at::Tensor from_doubles(const std::vector<double>& v, at::IntArrayRef shape,
 
 const double* or_null(const std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
 
+// Positions of a task: its count of valid labels when none is missing.
+int64_t positions(const TaskView& v) {
+  return v.kind == LossKind::kCe ? v.batch * v.inner : v.numel();
+}
+
+// The factor f_i the forward writes task i's gradient times: w_i / n_i (n_i its positions), so
+// that grads[i] already is d total / d logits[i] when every label is present, the gradient into
+// total is 1 and there is no relation: backward's coefficient is then exactly 1 and the
+// in-place backward skips the task (no pass over its gradient). 1 where that could cost
+// precision: half logits (w / n would put the gradient in fp16's subnormals, and a later
+// coefficient would scale up their rounding), w_i zero or not finite, |w_i / n_i| outside
+// [2^-30, 1] (no gradient overflows or falls far below its unscaled size).
+double grad_factor(const TaskView& v, double w, at::ScalarType dtype) {
+  const int64_t n = positions(v);
+  if (dtype == at::kHalf || n == 0) return 1.0;
+  const double f = w / static_cast<double>(n);
+  const double a = std::abs(f);
+  return std::isfinite(f) && a >= 0x1p-30 && a <= 1.0 ? f : 1.0;
+}
+
 struct ForwardResult {
   at::Tensor total, per_task, grad_scale;
   std::vector<at::Tensor> grads;
@@ -113,7 +136,14 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
       {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
   ForwardResult r;
   if (with_grad) r.grads = p.new_grads(logits);
-  const std::vector<TaskView> views = p.views(r.grads);
+  std::vector<TaskView> views = p.views(r.grads);
+  const std::vector<double> w = to_doubles(p.weights);
+  const auto weight = [&](size_t i) { return w.empty() ? 1.0 : w[i]; };
+  if (with_grad) {
+    for (size_t i = 0; i < views.size(); ++i) {
+      views[i].grad_factor = grad_factor(views[i], weight(i), p.dtype);
+    }
+  }
   const std::vector<WorkItem> items = plan_work(views);
   std::vector<LossPartial> partials(items.size());
 
@@ -145,7 +175,7 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
   }
 
   const size_t t = p.num_tasks();
-  std::vector<double> sum(t, 0.0), loss(t, 0.0), scale(t, 0.0);
+  std::vector<double> sum(t, 0.0), loss(t, 0.0), grad_scale(t, 0.0);
   std::vector<int64_t> count(t, 0);
   for (size_t k = 0; k < items.size(); ++k) {
     const LossPartial& part = partials[k];
@@ -159,11 +189,14 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
   }
   for (size_t i = 0; i < t; ++i) {
     if (count[i] > 0) {
-      loss[i] = sum[i] / static_cast<double>(count[i]);
-      scale[i] = 1.0 / static_cast<double>(count[i]);
+      const double n = static_cast<double>(count[i]);
+      loss[i] = sum[i] / n;
+      // grads[i] / grad_scale[i] = d L_i / d logits[i]: count * f_i, which is w_i itself when
+      // no label is missing (f_i = w_i / n_i), so that backward's coefficient is exactly 1.
+      const double f = views[i].grad_factor;
+      grad_scale[i] = f == 1.0 ? n : (count[i] == positions(views[i]) ? weight(i) : n * f);
     }
   }
-  const std::vector<double> w = to_doubles(p.weights);
   const std::vector<double> rel = to_doubles(p.relation);
   const double total =
       coupled_total(static_cast<int64_t>(t), loss.data(), or_null(w), or_null(rel));
@@ -171,7 +204,7 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
   const auto nt = static_cast<int64_t>(t);
   r.per_task = from_doubles(loss, {nt}, options_out);
   r.total = from_doubles({total}, {}, options_out);
-  if (with_grad) r.grad_scale = from_doubles(scale, {nt}, options_out);
+  if (with_grad) r.grad_scale = from_doubles(grad_scale, {nt}, options_out);
   return r;
 }
 
@@ -197,13 +230,21 @@ multitask_loss_with_grad_cpu(at::TensorList logits, at::TensorList targets,
   return {r.total, r.per_task, r.grad_scale, r.grads};
 }
 
+// Whether the scaling loop's multiplication by coef is the identity: coef rounds to 1 in its
+// math type (float, double for double).
+bool is_identity(double coef, at::ScalarType dtype) {
+  return dtype == at::kDouble ? coef == 1.0 : static_cast<float>(coef) == 1.0f;
+}
+
 // out[i] = coef_i * grads[i] (out[i] may be grads[i]: the scaling is element-wise), in chunks
-// of kItemElements over all tasks, one parallel region.
+// of kItemElements over all tasks, one parallel region. A task scaled in place by a
+// coefficient of 1 is left as it is.
 void scale_grads(at::TensorList grads, const std::vector<at::Tensor>& out,
                  const std::vector<double>& coef) {
   std::vector<std::array<int64_t, 3>> chunks;  // task, begin, end
   int64_t elements = 0;
   for (size_t i = 0; i < grads.size(); ++i) {
+    if (out[i].is_same(grads[i]) && is_identity(coef[i], grads[i].scalar_type())) continue;
     const int64_t n = grads[i].numel();
     for (int64_t b = 0; b < n; b += kItemElements) {
       chunks.push_back({static_cast<int64_t>(i), b, std::min(n, b + kItemElements)});

@@ -188,6 +188,7 @@ LossPartial ce_rows(const TaskView& v, const LossWork& w, const LossOptions& o) 
   T* grad = static_cast<T*>(v.grad);
   const int64_t classes = v.classes;
   const CeConstants<A> k(o, classes);
+  const A f = static_cast<A>(v.grad_factor);
   thread_local std::vector<A> buffer;
   buffer.resize(static_cast<size_t>(classes));
   A* e = buffer.data();
@@ -239,8 +240,8 @@ LossPartial ce_rows(const TaskView& v, const LossWork& w, const LossOptions& o) 
     if constexpr (kGrad) {
       const A inv = A(1) / s;
 #pragma omp simd
-      for (int64_t c = 0; c < classes; ++c) g[c] = static_cast<T>(e[c] * inv - k.smooth);
-      g[t] = static_cast<T>(e[t] * inv - k.smooth - k.keep);
+      for (int64_t c = 0; c < classes; ++c) g[c] = static_cast<T>((e[c] * inv - k.smooth) * f);
+      g[t] = static_cast<T>((e[t] * inv - k.smooth - k.keep) * f);
     }
   }
   return out;
@@ -392,11 +393,11 @@ void ce_block(int64_t n, int64_t classes, const CeConstants<A>& k, CeBlock<A>& b
   out->count += count;
 }
 
-// The gradient of the block, class-major at g (class c of position p at g[c * c_stride + p];
-// g may be blk.e itself): softmax - smooth / C, minus (1 - smooth) at the target, zero where
-// the label is missing.
+// The gradient of the block times f, class-major at g (class c of position p at
+// g[c * c_stride + p]; g may be blk.e itself): softmax - smooth / C, minus (1 - smooth) at the
+// target, zero where the label is missing.
 template <typename A, typename G>
-void ce_block_grad(int64_t n, int64_t classes, const CeConstants<A>& k, CeBlock<A>& blk, G* g,
+void ce_block_grad(int64_t n, int64_t classes, const CeConstants<A>& k, A f, CeBlock<A>& blk, G* g,
                    int64_t c_stride) {
   const A* s = blk.s;
   const int32_t* tt = blk.tt;
@@ -405,7 +406,7 @@ void ce_block_grad(int64_t n, int64_t classes, const CeConstants<A>& k, CeBlock<
     G* gc = g + c * c_stride;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
-      const A gv = ec[p] * s[p] - k.smooth - (tt[p] == c ? k.keep : A(0));
+      const A gv = (ec[p] * s[p] - k.smooth - (tt[p] == c ? k.keep : A(0))) * f;
       gc[p] = static_cast<G>(tt[p] >= 0 ? gv : A(0));
     }
   }
@@ -432,7 +433,8 @@ LossPartial ce_dense(const TaskView& v, const LossWork& w, const LossOptions& o)
       ce_fill_planes(logits + b * v.logits_stride + p0, pixels, n, classes, blk);
       ce_block(n, classes, k, blk, &out);
       if constexpr (kGrad) {
-        ce_block_grad(n, classes, k, blk, grad + (b * classes * pixels + p0), pixels);
+        ce_block_grad(n, classes, k, static_cast<A>(v.grad_factor), blk,
+                      grad + (b * classes * pixels + p0), pixels);
       }
     }
   }
@@ -460,7 +462,8 @@ LossPartial ce_rows_transposed(const TaskView& v, const LossWork& w, const LossO
     ce_fill_rows(logits + b0 * v.logits_stride, v.logits_stride, n, classes, blk);
     ce_block(n, classes, k, blk, &out);
     if constexpr (kGrad) {
-      ce_block_grad(n, classes, k, blk, blk.e.data(), blk.n);  // in place, then transposed back
+      // In place, then transposed back.
+      ce_block_grad(n, classes, k, static_cast<A>(v.grad_factor), blk, blk.e.data(), blk.n);
       for (int64_t p = 0; p < n; ++p) {
         T* row = grad + (b0 + p) * classes;
         for (int64_t c = 0; c < classes; ++c) {
@@ -510,7 +513,7 @@ MTLCORE_INLINE void element_loss(A x, A y, A* loss, A* grad) {
 constexpr int64_t kSumChunk = 256;
 
 template <LossKind K, typename T, typename Tt, typename A, bool kGrad>
-void elementwise_run(const T* x, const Tt* y, T* g, int64_t n, LossPartial* out) {
+void elementwise_run(const T* x, const Tt* y, T* g, A f, int64_t n, LossPartial* out) {
   for (int64_t j0 = 0; j0 < n; j0 += kSumChunk) {
     const int64_t j1 = std::min(n, j0 + kSumChunk);
     A sum = A(0);
@@ -523,7 +526,7 @@ void elementwise_run(const T* x, const Tt* y, T* g, int64_t n, LossPartial* out)
       const bool valid = yv == yv;
       sum += valid ? loss : A(0);
       count += valid ? 1 : 0;
-      if constexpr (kGrad) g[j] = static_cast<T>(valid ? gv : A(0));
+      if constexpr (kGrad) g[j] = static_cast<T>(valid ? gv * f : A(0));
     }
     out->sum += static_cast<double>(sum);
     out->count += count;
@@ -537,17 +540,19 @@ LossPartial elementwise(const TaskView& v, const LossWork& w, const LossOptions&
   T* grad = static_cast<T*>(v.grad);
   LossPartial out;
   const int64_t row = v.classes;
+  const A f = static_cast<A>(v.grad_factor);
   if (w.s0 == 0 && w.s1 == row && v.logits_stride == row && v.target_stride == row) {
     // Whole rows, back to back in memory: one run over all of them.
     const int64_t first = w.b0 * row;
     elementwise_run<K, T, Tt, A, kGrad>(logits + first, target + first,
-                                        kGrad ? grad + first : nullptr, (w.b1 - w.b0) * row, &out);
+                                        kGrad ? grad + first : nullptr, f, (w.b1 - w.b0) * row,
+                                        &out);
     return out;
   }
   for (int64_t b = w.b0; b < w.b1; ++b) {
-    elementwise_run<K, T, Tt, A, kGrad>(logits + b * v.logits_stride + w.s0,
-                                        target + b * v.target_stride + w.s0,
-                                        kGrad ? grad + b * row + w.s0 : nullptr, w.s1 - w.s0, &out);
+    elementwise_run<K, T, Tt, A, kGrad>(
+        logits + b * v.logits_stride + w.s0, target + b * v.target_stride + w.s0,
+        kGrad ? grad + b * row + w.s0 : nullptr, f, w.s1 - w.s0, &out);
   }
   return out;
 }

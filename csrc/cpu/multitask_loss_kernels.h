@@ -32,8 +32,8 @@ struct LossPartial {
   int64_t position = 0;  // ... and its flat index in the targets
 };
 
-// Computes the losses of one work item and, when v.grad is set, the unscaled gradient of the
-// summed loss at the same positions (zero where the label is missing).
+// Computes the losses of one work item and, when v.grad is set, the gradient of the summed
+// loss at the same positions times v.grad_factor (zero where the label is missing).
 using LossLoop = LossPartial (*)(const TaskView& v, const LossWork& w, const LossOptions& o);
 // out[k] = grad[k] * coef for k < n, in the gradient's dtype (math in float, double for double).
 using ScaleLoop = void (*)(const void* grad, void* out, int64_t n, double coef);

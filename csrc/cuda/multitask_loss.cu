@@ -36,7 +36,8 @@
 // kernels bit for bit (the device's exp and log differ from the host's), but the expressions
 // are theirs: 1 - eps and eps / C in the math type, softmax as exp(x - max) * (1 / sum). Losses
 // are summed in double (per thread, then per block, then per task). L_i = sum / count and
-// grad_scale = 1 / count are computed in double (0 when count is 0) and rounded to the loss
+// grad_scale = count (grads[i] / grad_scale[i] = d L_i / d logits[i]: the gradients here are
+// unscaled; the CPU forward pre-scales its own) are computed in double and rounded to the loss
 // dtype; total is computed in double from the unrounded L. Backward: coef_i is computed in
 // double, rounded to the gradient's op-math type and multiplied by the gradient, which is
 // rounded once. A ce label outside [0, C) (and not ignore_index) trips a device-side assertion
@@ -518,7 +519,7 @@ __global__ void __launch_bounds__(kThreads)
       const double loss = sum.count > 0 ? sum.loss / count : 0.0;
       task_loss[i] = loss;
       per_task[i] = static_cast<LossT>(loss);
-      grad_scale[i] = sum.count > 0 ? static_cast<LossT>(1.0 / count) : LossT(0);
+      grad_scale[i] = static_cast<LossT>(count);  // the gradients here are unscaled
     }
   }
   __syncthreads();  // task_loss, written by thread 0, is read by all threads below
@@ -555,7 +556,8 @@ struct CouplingArgs {
   const LossT* relation;       // null: zero
 };
 
-// coef_i = (g_total * (w_i + sum_j (R_ij + R_ji) L_j) + g_i) * scale_i in double. The whole
+// coef_i = (g_total * (w_i + sum_j (R_ij + R_ji) L_j) + g_i) / grad_scale_i in double (0 when
+// grad_scale_i is 0). The whole
 // block computes it (the sum over j split over the threads in a fixed order), so every block of
 // task i gets the same value. All threads of the block must call it.
 template <typename LossT>
@@ -575,7 +577,8 @@ __device__ __forceinline__ double task_coefficient(const CouplingArgs<LossT>& a,
   }
   const double g_total = a.grad_total != nullptr ? static_cast<double>(*a.grad_total) : 0.0;
   const double g_i = a.grad_per_task != nullptr ? static_cast<double>(a.grad_per_task[i]) : 0.0;
-  return (g_total * d + g_i) * static_cast<double>(a.grad_scale[i]);
+  const double den = static_cast<double>(a.grad_scale[i]);  // 0: no valid label, zero gradient
+  return den != 0.0 ? (g_total * d + g_i) / den : 0.0;
 }
 
 template <typename T, int N>
