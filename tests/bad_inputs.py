@@ -110,6 +110,13 @@ for _name, (_expect, _fn) in CONV.items():
     case(f"conv2d_act: {_name}", _expect)(_fn)
 
 
+@case("conv2d_act: sparse gradient into backward", "grad_output")
+def _():
+    x = f32(2, 4, 6, 6).requires_grad_()
+    y = conv(input=x)
+    y.backward(torch.ones_like(y).to_sparse())
+
+
 @case("conv2d_act: weight on another device", "weight", cuda=True)
 def _():
     conv(weight=f32(8, 4, 3, 3, device="cuda"), bias=None)
@@ -223,6 +230,12 @@ POOL = {
 }
 for _name, (_expect, _fn) in POOL.items():
     case(f"max_pool2d: {_name}", _expect)(_fn)
+
+
+@case("max_pool2d: sparse gradient into backward", "grad_output")
+def _():
+    y = pool(input=f32(2, 3, 8, 8).requires_grad_())
+    y.backward(torch.ones_like(y).to_sparse())
 
 
 @case("max_pool2d (raw schema): padding three values", "padding")

@@ -410,19 +410,23 @@ def _conv2d_act_backward(ctx, grad_output, *unused):
         ctx.needs_input_grad[1],
         ctx.has_bias and ctx.needs_input_grad[2],
     ]
-    grads = torch.ops.mtlcore.conv2d_act_backward(
-        grad_output,
-        input,
-        weight,
-        saved,
-        stride,
-        padding,
-        dilation,
-        groups,
-        activation,
-        slope,
-        mask,
-    )
+    try:
+        grads = torch.ops.mtlcore.conv2d_act_backward(
+            grad_output,
+            input,
+            weight,
+            saved,
+            stride,
+            padding,
+            dilation,
+            groups,
+            activation,
+            slope,
+            mask,
+        )
+    except NotImplementedError as e:  # e.g. a sparse gradient passed to backward()
+        raise_for_layout("conv2d_act (backward)", e, grad_output=grad_output)
+        raise
     return tuple(g if m else None for g, m in zip(grads, mask, strict=True)) + (None,) * 6
 
 
@@ -537,7 +541,11 @@ def _max_pool2d_setup(ctx, inputs, output) -> None:
 
 def _max_pool2d_backward(ctx, grad_output):
     (input,) = ctx.saved_tensors
-    grad = torch.ops.mtlcore.max_pool2d_backward(grad_output, input, *ctx.pool)
+    try:
+        grad = torch.ops.mtlcore.max_pool2d_backward(grad_output, input, *ctx.pool)
+    except NotImplementedError as e:  # e.g. a sparse gradient passed to backward()
+        raise_for_layout("max_pool2d (backward)", e, grad_output=grad_output)
+        raise
     return (grad,) + (None,) * 5
 
 
