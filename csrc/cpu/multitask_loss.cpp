@@ -5,7 +5,7 @@
 // Parallel split: each task is cut into work items of about kItemElements logits (ce rows
 //   whole, dense ce by pixel ranges, bce/mse/l1 by rows or by element ranges of long rows);
 //   the items of all tasks form one list that the threads of one parallel region take from a
-//   shared counter.
+//   shared counter, the costliest items first (execution_order).
 //   Items depend only on the shapes, so per-item sums added in list order give results that do
 //   not depend on the thread count. Calls with few elements run on the calling thread.
 // Numerics: per-element math in float (double for double logits), loss sums in double; the
@@ -69,6 +69,36 @@ std::vector<WorkItem> plan_work(const std::vector<TaskView>& views) {
     }
   }
   return items;
+}
+
+// The items in the order the threads take them: the costliest first (so that the last ones
+// to start are short), by a rough model in units of a ce logit: bce's exp and log cost about
+// as much per element, mse/l1 a fraction, and a ce position adds its log and bookkeeping.
+// Only the order of execution changes: partials are still added in list order.
+std::vector<int64_t> execution_order(const std::vector<WorkItem>& items,
+                                     const std::vector<TaskView>& views) {
+  std::vector<double> cost(items.size());
+  for (size_t k = 0; k < items.size(); ++k) {
+    const TaskView& v = views[items[k].task];
+    const LossWork& w = items[k].work;
+    const auto positions = static_cast<double>((w.b1 - w.b0) * (w.s1 - w.s0));
+    switch (v.kind) {
+      case LossKind::kCe:
+        cost[k] = positions * (static_cast<double>(v.classes) + 8.0);
+        break;
+      case LossKind::kBce:
+        cost[k] = positions * 1.2;
+        break;
+      default:
+        cost[k] = positions * 0.15;
+    }
+  }
+  std::vector<int64_t> order(items.size());
+  for (size_t k = 0; k < order.size(); ++k) order[k] = static_cast<int64_t>(k);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return cost[static_cast<size_t>(a)] > cost[static_cast<size_t>(b)];
+  });
+  return order;
 }
 
 // A small CPU tensor ([], [T] or [T, T]) as doubles; an empty vector for none.
@@ -166,11 +196,14 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
     run(0, n);
   } else {
     // Items differ in cost (bce's exp and log, ce's classes), so the threads take them one at a
-    // time from a shared counter rather than in fixed halves. Each item writes its own partial:
-    // the results do not depend on which thread ran it.
+    // time from a shared counter, costliest first, rather than in fixed halves. Each item
+    // writes its own partial: the results do not depend on which thread ran it.
+    const std::vector<int64_t> order = execution_order(items, views);
     std::atomic<int64_t> next{0};
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) run(k, k + 1);
+      for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) {
+        run(order[static_cast<size_t>(k)], order[static_cast<size_t>(k)] + 1);
+      }
     });
   }
 
