@@ -557,9 +557,9 @@ struct CouplingArgs {
 };
 
 // coef_i = (g_total * (w_i + sum_j (R_ij + R_ji) L_j) + g_i) / grad_scale_i in double (0 when
-// grad_scale_i is 0). The whole
-// block computes it (the sum over j split over the threads in a fixed order), so every block of
-// task i gets the same value. All threads of the block must call it.
+// grad_scale_i is 0). The whole block computes it (the sum over j split over the threads in a
+// fixed order), so every block of task i gets the same value. All threads of the block must
+// call it.
 template <typename LossT>
 __device__ __forceinline__ double task_coefficient(const CouplingArgs<LossT>& a, int64_t i) {
   const int64_t t = a.num_tasks;
