@@ -591,15 +591,19 @@ def multitask_loss(
     the logits, ``weights`` and ``relation``, for gradients flowing into ``total``,
     ``per_task`` or both. The gradient with respect to each task's logits is computed in the
     forward pass, in the same pass as its loss; backward only scales it by
-    ``d total / d per_task[i] = weights[i] + sum_j (relation[i, j] + relation[j, i]) per_task[j]``.
-    Memory kept for backward: one gradient the size of each task's logits, in their dtype.
+    ``d total / d per_task[i] = weights[i] + sum_j (relation[i, j] + relation[j, i]) per_task[j]``
+    (on the CPU not even that when every label of the task is present, the gradient flows into
+    ``total`` alone and there is no relation: the forward already wrote it times
+    ``weights[i] / n_i``, except for float16 logits). Memory kept for backward: one gradient the
+    size of each task's logits, in their dtype.
 
     Math in float32 whatever the logits' dtype (float64 for float64 logits); ``total`` and
     ``per_task`` are float32 (float64). Logits: float32, float64, float16, bfloat16; all tasks
     in one dtype (logits of mixed dtypes are promoted here). Heads of one ``Linear`` split with
     ``torch.split`` are read in place. Under ``torch.autocast``, fp16/bf16 logits are read as
     they are (no cast to float32 is needed: the math is in float32). Gradients are rounded to
-    the logits' dtype once in the forward pass and once more when backward scales them.
+    the logits' dtype once in the forward pass and once more when backward scales them (not
+    where backward leaves them, above).
     """
     logits = list(logits)
     targets = list(targets)
