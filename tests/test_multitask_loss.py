@@ -314,7 +314,8 @@ def test_backward_twice_with_retain_graph(device):
         torch.autograd.grad(out, p.leaves)
 
 
-LOW_PRECISION_RTOL = {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+# Gradient tolerances by logits dtype (against the float64 reference).
+GRAD_RTOL = {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
@@ -339,8 +340,7 @@ def test_forward_gradients_over_grad_scale_are_the_task_gradients(device, dtype,
             assert torch.equal(expected, torch.zeros_like(expected)), i
             assert torch.equal(g, torch.zeros_like(g)), i
             continue
-        rtol = 1e-10 if dtype == torch.float64 else LOW_PRECISION_RTOL[dtype]
-        assert_close(g.double() / grad_scale[i].double(), expected, rtol, f"task {i}")
+        assert_close(g.double() / grad_scale[i].double(), expected, GRAD_RTOL[dtype], f"task {i}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -373,10 +373,9 @@ def test_cpu_forward_writes_final_gradients_and_backward_leaves_them(dtype):
     y64 = [y.double() if y.is_floating_point() else y for y in targets]
     ref_total, _ = reference.multitask_loss(x64, y64, kinds, weights.double())
     expected = torch.autograd.grad(ref_total, x64)
-    rtol = 1e-10 if dtype == torch.float64 else LOW_PRECISION_RTOL[dtype]
     for i, (a, f, e) in enumerate(zip(got, forward_grads, expected, strict=True)):
         assert torch.equal(a, f), f"task {i}: backward changed a final gradient"
-        assert_close(a.double(), e, rtol, f"task {i}")
+        assert_close(a.double(), e, GRAD_RTOL[dtype], f"task {i}")
 
 
 def test_cpu_gradients_with_weights_the_forward_does_not_prescale_by():
@@ -406,7 +405,7 @@ def test_cpu_gradients_with_weights_the_forward_does_not_prescale_by():
         ref_total, ref_pt = reference.multitask_loss(x64, y64, kinds, weights.double())
         expected = torch.autograd.grad(ref_total + (mix.double() * ref_pt).sum(), x64)
         for i, (a, e) in enumerate(zip(got, expected, strict=True)):
-            assert_close(a.double(), e, LOW_PRECISION_RTOL[dtype], f"{dtype} task {i}")
+            assert_close(a.double(), e, GRAD_RTOL[dtype], f"{dtype} task {i}")
 
 
 def test_memory_kept_for_backward_is_the_logits_size(device):
