@@ -242,6 +242,47 @@ def test_nan_logits_propagate_like_torch(device):
     assert torch.isnan(F.cross_entropy(x, y)) and torch.isnan(F.mse_loss(x, torch.zeros_like(x)))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("shape", [(5, 3), (5, 100), (5, 2000), (5, 3, 4)])
+def test_infinite_logits_like_torch(device, shape, smoothing):
+    """A ce position with a +inf logit has a NaN loss and gradient, as in F.cross_entropy (its
+    log-sum-exp forms inf - inf); -inf logits (masked classes) leave the others finite. The
+    shapes reach each CUDA work mode: a thread per position (few classes, dense), a warp per
+    row and a block per row."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device)
+    y = torch.randint(shape[1], (shape[0], *shape[2:]), generator=g).to(device)
+    x[1, 2] = float("inf")
+    x[3, 0] = -float("inf")
+    y[3] = 1
+    x.requires_grad_()
+    total, _ = ops.multitask_loss([x], [y], ["ce"], label_smoothing=smoothing)
+    (grad,) = torch.autograd.grad(total, [x])
+    x_ref = x.detach().cpu().double().requires_grad_()
+    ref = F.cross_entropy(x_ref, y.cpu(), label_smoothing=smoothing)
+    (grad_ref,) = torch.autograd.grad(ref, [x_ref])
+    assert torch.isnan(total) and torch.isnan(ref)
+    torch.testing.assert_close(grad.cpu().double(), grad_ref, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("classes", [3, 17, 2000])
+def test_dense_logits_with_an_empty_spatial_dim(device, classes):
+    """Dense logits [B, C, 0] hold no position: loss 0 and an empty gradient, for every class
+    count (the CUDA kernel plans rows differently above 16 classes)."""
+    x = torch.randn(2, classes, 0, device=device, requires_grad=True)
+    y = torch.zeros(2, 0, dtype=torch.long, device=device)
+    b = torch.randn(3, 2, device=device, requires_grad=True)
+    total, per_task = ops.multitask_loss(
+        [x, b], [y, torch.ones(3, 2, device=device)], ["ce", "bce"]
+    )
+    assert float(per_task[0]) == 0.0
+    torch.testing.assert_close(
+        per_task[1], F.binary_cross_entropy_with_logits(b, torch.ones_like(b))
+    )
+    gx, gb = torch.autograd.grad(total, [x, b])
+    assert gx.shape == x.shape and torch.isfinite(gb).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits(device, dtype):
     """fp16/bf16 logits are read as they are; the math is fp32, so the losses equal fp32 math on

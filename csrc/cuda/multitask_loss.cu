@@ -154,12 +154,15 @@ MTLCORE_HD SoftmaxState<Acc> softmax_empty() {
 }
 
 // Adds logit v. A logit equal to the max adds exp(0) = 1 without forming max - max, which is
-// NaN for -inf (masked classes: a later finite logit must still give a finite result) and +inf.
-// A NaN logit compares false everywhere and makes the sum NaN.
+// NaN for -inf (masked classes: a later finite logit must still give a finite result).
+// A NaN logit compares false everywhere and makes the sum NaN; so does a +inf logit, as in
+// F.cross_entropy (its log-sum-exp forms inf - inf): the row's loss and gradient are NaN.
+// Once the sum is NaN, later logits and merges keep it NaN.
 template <typename Acc>
 MTLCORE_HD void softmax_add(SoftmaxState<Acc>& st, Acc v) {
   if (v > st.max) {
-    st.sum = st.sum * math_exp(st.max - v) + Acc(1);
+    st.sum = v == std::numeric_limits<Acc>::infinity() ? std::numeric_limits<Acc>::quiet_NaN()
+                                                       : st.sum * math_exp(st.max - v) + Acc(1);
     st.max = v;
   } else if (v == st.max) {
     st.sum += Acc(1);
@@ -703,7 +706,10 @@ struct TaskPlan {
 };
 
 TaskPlan plan_task(const TaskView& tv) {
-  if (tv.kind != LossKind::kCe) return {WorkMode::kElementwise, tv.numel(), kWorkElements};
+  // An empty task (a zero batch, or a zero-size spatial dimension of dense logits) has no work.
+  if (tv.kind != LossKind::kCe || tv.numel() == 0) {
+    return {WorkMode::kElementwise, tv.numel(), kWorkElements};
+  }
   const int64_t units_in_budget = std::max<int64_t>(1, kWorkElements / tv.classes);
   if (tv.inner > 1 || tv.classes <= kThreadRowMaxClasses) {
     // A thread per position: whole multiples of the block, at least one position per thread.
