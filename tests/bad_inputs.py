@@ -199,6 +199,14 @@ POOL = {
     "input rank 2": ("input", lambda: pool(input=f32(8, 8))),
     "input rank 5": ("input", lambda: pool(input=f32(1, 2, 3, 8, 8))),
     "input without rows": ("input", lambda: pool(input=f32(2, 3, 0, 8))),
+    "input without rows, padded": (
+        "input",
+        lambda: pool(input=f32(2, 3, 0, 8), kernel_size=2, padding=1),
+    ),
+    "input without columns, padded": (
+        "input",
+        lambda: pool(input=f32(2, 3, 8, 0), kernel_size=2, padding=1),
+    ),
     "kernel_size 0": ("kernel_size", lambda: pool(kernel_size=0)),
     "kernel_size negative": ("kernel_size", lambda: pool(kernel_size=(3, -1))),
     "kernel_size three values": ("kernel_size", lambda: pool(kernel_size=(2, 2, 2))),

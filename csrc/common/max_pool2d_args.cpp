@@ -37,6 +37,10 @@ Pool2dParams check_max_pool2d_args(const char* op, const at::Tensor& input,
   for (auto d : dtypes) supported = supported || input.scalar_type() == d;
   TORCH_CHECK_TYPE(supported, op, ": input has dtype ", input.scalar_type(), ", which ",
                    input.device().type(), " kernels do not support");
+  // As F.max_pool2d: only the batch and channel dimensions may be empty (a padded window over
+  // an empty image would otherwise yield -inf).
+  TORCH_CHECK_VALUE(input.size(2) > 0 && input.size(3) > 0, op,
+                    ": input must have a non-zero height and width, got ", input.sizes());
   check_pair(op, "kernel_size", kernel_size, 1);
   check_pair(op, "stride", stride, 1);
   check_pair(op, "dilation", dilation, 1);
