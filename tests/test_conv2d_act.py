@@ -482,6 +482,21 @@ def test_tf32_follows_torch_flag():
     torch.backends.cudnn.allow_tf32 = True
     tf32 = ops.conv2d_act(x, w, padding=1, activation="identity")
     assert_close(tf32.double(), exact, rtol=5e-3)
+    # torch's newer per-operator flags: conv and rnn set differently, which makes the
+    # operator-less query raise; ours reads the conv flag as F.conv2d does.
+    old = torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision
+    try:
+        torch.backends.cudnn.rnn.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        ieee = ops.conv2d_act(x, w, padding=1, activation="identity")
+        assert_close(ieee.double(), exact, rtol=1e-5)
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        y = ops.conv2d_act(x.requires_grad_(), w, padding=1, activation="identity")
+        assert_close(y.double(), exact, rtol=5e-3)
+        y.sum().backward()  # the backward reads the flag too
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = old
 
 
 # ------------------------------------------------------------------------------------------

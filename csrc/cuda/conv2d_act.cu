@@ -39,15 +39,16 @@
 //
 // Numerics. Accumulation is in fp32 for float, half and bfloat16 (double for double). The
 // GEMM operands enter the multiply in the input dtype: half and bfloat16 on tensor cores
-// (wmma, fp32 accumulators); float on TF32 tensor cores when
-// torch.backends.cudnn.allow_tf32 is set (the flag F.conv2d follows; operands rounded to TF32
-// on the way in), otherwise on an FMA kernel in fp32; double on an FMA kernel in double. The
-// depthwise kernels use FMA in fp32 (double) for every dtype. The bias is added and the activation
-// applied in fp32 before the one rounding of each stored output (out = round(act(z)), preact =
-// round(z), both from the unrounded z). Backward: g = grad_output * act'(saved) is computed in fp32
-// (double) from the stored values; grad_bias sums the unrounded g, while the GEMMs read g rounded
-// to the input dtype (what the tensor cores take for half and bfloat16; for float it is exact).
-// grad_input and grad_weight are rounded once, from their fp32 sums.
+// (wmma, fp32 accumulators); float on TF32 tensor cores when cuDNN convolutions may use TF32
+// (torch.backends.cudnn.conv.fp32_precision, or the older allow_tf32: the flag F.conv2d
+// follows, read for the conv operator; operands rounded to TF32 on the way in), otherwise on an FMA
+// kernel in fp32; double on an FMA kernel in double. The depthwise kernels use FMA in fp32 (double)
+// for every dtype. The bias is added and the activation applied in fp32 before the one rounding of
+// each stored output (out = round(act(z)), preact = round(z), both from the unrounded z). Backward:
+// g = grad_output * act'(saved) is computed in fp32 (double) from the stored values; grad_bias sums
+// the unrounded g, while the GEMMs read g rounded to the input dtype (what the tensor cores take
+// for half and bfloat16; for float it is exact). grad_input and grad_weight are rounded once, from
+// their fp32 sums.
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -688,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act_forward_cuda(
   const ConvShape sh = make_conv_shape(op, p, input);
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const bool allow_tf32 = at::globalContext().allowTF32CuDNN();
+  const bool allow_tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   dispatch_cuda_dtype(op, input.scalar_type(), [&](auto type_tag) {
@@ -774,7 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cuda(
 
   const ConvShape sh = make_conv_shape(op, p, input);
   const at::Tensor w = weight.contiguous();
-  const bool allow_tf32 = at::globalContext().allowTF32CuDNN();
+  const bool allow_tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
   const bool depthwise = use_depthwise_kernels(p);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t pixels = p.n * sh.output_plane;  // N * OH * OW
