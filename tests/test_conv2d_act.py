@@ -469,6 +469,31 @@ def test_half_precision_on_cuda(dtype, activation):
         assert_close(a.double(), e, rtol=2e-2)
 
 
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_nan_and_inf_inputs_propagate_like_torch(device, activation):
+    """NaN and +-inf in the input give NaN/inf outputs and gradients where F.conv2d + the
+    activation gives them (relu passes the gradient through a NaN output, as
+    threshold_backward does)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    x[1, 2, 5, 1] = -float("inf")
+    w = torch.randn(4, 3, 3, 3, generator=gen)
+    b = torch.randn(4, generator=gen)
+    grad = torch.randn(2, 4, 6, 6, generator=gen)
+    results = []
+    for ours in (True, False):
+        xs, ws, bs = (t.to(device).requires_grad_() for t in (x, w, b))
+        if ours:
+            out = ops.conv2d_act(xs, ws, bs, padding=1, activation=activation, negative_slope=SLOPE)
+        else:
+            out = FUNCTIONAL[activation](F.conv2d(xs, ws, bs, padding=1))
+        results.append([out, *torch.autograd.grad(out, (xs, ws, bs), grad.to(device))])
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA")
 def test_tf32_follows_torch_flag():

@@ -146,13 +146,14 @@ MTLCORE_HD T derivative(T s, T negative_slope) {
 
 // dy * act'(.) from the saved value s. relu and leaky_relu select rather than multiply, as
 // torch's threshold_backward / leaky_relu_backward do (an infinite dy stays infinite where the
-// slope is 1 and does not turn into NaN where it is 0).
+// slope is 1 and does not turn into NaN where it is 0), with the same comparisons: relu passes
+// dy unless s <= 0 (a NaN output passes it), leaky_relu takes the slope unless s > 0.
 template <Activation A, typename T>
 MTLCORE_HD T backward(T dy, T s, T negative_slope) {
   if constexpr (A == Activation::kIdentity) {
     return dy;
   } else if constexpr (A == Activation::kRelu) {
-    return s > T(0) ? dy : T(0);
+    return s <= T(0) ? T(0) : dy;
   } else if constexpr (A == Activation::kLeakyRelu) {
     return s > T(0) ? dy : dy * negative_slope;
   } else {
