@@ -122,6 +122,14 @@ def test_matches_functional_and_reference(device, activation, kind):
         want = torch.autograd.grad(ref, (x, weight, bias), grad)
         for name, a, b in zip(("input", "weight", "bias"), got, want, strict=True):
             assert_close(a, b, what=f"{what} grad_{name}")
+        # Without the input gradient (a first layer), the CPU computes G inside the
+        # weight-gradient pass instead of in a pass of its own.
+        out = ops.conv2d_act(
+            x.detach(), weight, bias, **conv, activation=activation, negative_slope=SLOPE
+        )
+        got = torch.autograd.grad(out, (weight, bias), grad)
+        for name, a, b in zip(("weight", "bias"), got, want[1:], strict=True):
+            assert_close(a, b, what=f"{what} grad_{name} without grad_input")
         count += 1
     assert count > 100
 
@@ -170,6 +178,48 @@ def test_gaussian_inputs_and_larger_layers(device, activation):
             # relu/leaky_relu masks may flip where the two sums round differently near zero.
             rtol = 2e-3 if activation in ("relu", "leaky_relu") else 1e-4
             assert_close(a, b, rtol=rtol, what=f"{activation} C={c} grad_{name}")
+
+
+def grad_layouts(shape, gen, device):
+    """grad_output as autograd may hand it over: contiguous, channels_last, a strided view and
+    an expanded scalar (every stride 0, as from out.sum())."""
+    g = torch.randn(shape, generator=gen).to(device)
+    yield "contiguous", g
+    yield "channels_last", g.contiguous(memory_format=torch.channels_last)
+    yield "strided", layout(g, "strided")
+    yield "expanded", torch.full((), 0.75, device=device).expand(shape)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_weight_gradient_without_the_input_gradient(device, activation):
+    """grad_weight and grad_bias when the input needs no gradient (the CPU computes G inside
+    the weight-gradient pass up to 64 depth rows per group), against the reference: batches
+    that split unevenly, images of several pixel chunks, groups, depthwise, deep layers (G in
+    memory), every layout of grad_output."""
+    gen = torch.Generator().manual_seed(zlib.crc32(activation.encode()))
+    for n, c, h, w, k, conv in [
+        (13, 3, 20, 21, 32, {}),  # 13 images over 8 splits, 399 pixels: two chunks each
+        (9, 3, 32, 32, 16, {"padding": 1}),
+        (3, 7, 9, 6, 5, {"stride": 2, "dilation": 2, "padding": 2}),
+        (5, 8, 7, 7, 6, {"groups": 2, "padding": 1}),
+        (4, 16, 6, 5, 16, {"groups": 16, "padding": 1}),  # depthwise
+        (3, 9, 6, 6, 4, {}),  # 81 depth rows: G in memory, as with the input gradient
+    ]:
+        x = torch.randn(n, c, h, w, generator=gen).to(device)
+        weight = torch.randn(k, c // conv.get("groups", 1), 3, 3, generator=gen).to(device)
+        bias = torch.randn(k, generator=gen).to(device)
+        weight.requires_grad_(), bias.requires_grad_()
+        out = ops.conv2d_act(x, weight, bias, **conv, activation=activation, negative_slope=SLOPE)
+        ref = reference.conv2d_act(
+            x, weight, bias, **conv, activation=activation, negative_slope=SLOPE
+        )
+        for kind, grad in grad_layouts(out.shape, gen, device):
+            what = f"{activation} N={n} C={c} {h}x{w} K={k} {conv} grad {kind}"
+            got = torch.autograd.grad(out, (weight, bias), grad, retain_graph=True)
+            want = torch.autograd.grad(ref, (weight, bias), grad, retain_graph=True)
+            for name, a, b in zip(("weight", "bias"), got, want, strict=True):
+                rtol = 2e-3 if activation in ("relu", "leaky_relu") else 1e-4
+                assert_close(a, b, rtol=rtol, what=f"{what} grad_{name}")
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -255,18 +305,21 @@ def test_empty_batch(device):
     assert gx.shape == x.shape and torch.all(gw == 0) and torch.all(gb == 0)
 
 
-def test_cpu_results_do_not_depend_on_threads():
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_cpu_results_do_not_depend_on_threads(input_grad):
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(6, 16, 11, 11, generator=gen).requires_grad_()
-    w = torch.randn(24, 16, 3, 3, generator=gen).requires_grad_()
+    channels = 16 if input_grad else 3  # a first layer: G computed in the weight gradient
+    x = torch.randn(11, channels, 11, 11, generator=gen).requires_grad_(input_grad)
+    w = torch.randn(24, channels, 3, 3, generator=gen).requires_grad_()
     b = torch.randn(24, generator=gen).requires_grad_()
+    inputs = (x, w, b) if input_grad else (w, b)
     results = []
     old = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             out = ops.conv2d_act(x, w, b, padding=1, activation="gelu")
-            results.append([out, *torch.autograd.grad(out.square().sum(), (x, w, b))])
+            results.append([out, *torch.autograd.grad(out.square().sum(), inputs)])
     finally:
         torch.set_num_threads(old)
     for other in results[1:]:
@@ -293,22 +346,27 @@ def test_cpu_scratch_memory_does_not_leak_between_calls():
         for shape, k, kw in cases
     ]
 
-    def run(x, w, kw, activation="relu", grad_value=1.0, op=ops.conv2d_act):
-        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    def run(x, w, kw, activation="relu", grad_value=1.0, op=ops.conv2d_act, input_grad=True):
+        x, w = x.clone().requires_grad_(input_grad), w.clone().requires_grad_()
         b = torch.zeros(w.shape[0], requires_grad=True)
         out = op(x, w, b, activation=activation, **kw)
-        grads = torch.autograd.grad(out, (x, w, b), torch.full_like(out, grad_value))
+        inputs = (x, w, b) if input_grad else (w, b)
+        grads = torch.autograd.grad(out, inputs, torch.full_like(out, grad_value))
         return [out, *grads]
 
-    before = [run(*case) for case in inputs]
+    # With and without the input gradient (then G is computed in chunks, for <= 64 depth rows).
+    variants = [(case, grad) for case in inputs for grad in (True, False)]
+    before = [run(*case, input_grad=grad) for case, grad in variants]
     nan = float("nan")
     for kw in ({"padding": 1}, {}):  # NaN in the padded copies, G and every workspace
-        w = torch.randn(64, 48, 3, 3, generator=gen)
-        results = run(torch.full((8, 48, 20, 20), nan), w, kw, "identity", nan)
-        assert all(torch.isnan(r).all() for r in results)
-    after = [run(*case) for case in inputs]
-    for first, second, case in zip(before, after, inputs, strict=True):
-        expected = run(*case, op=reference.conv2d_act)
+        for channels, input_grad in ((48, True), (7, False)):
+            w = torch.randn(64, channels, 3, 3, generator=gen)
+            x = torch.full((8, channels, 20, 20), nan)
+            results = run(x, w, kw, "identity", nan, input_grad=input_grad)
+            assert all(torch.isnan(r).all() for r in results)
+    after = [run(*case, input_grad=grad) for case, grad in variants]
+    for first, second, (case, grad) in zip(before, after, variants, strict=True):
+        expected = run(*case, op=reference.conv2d_act, input_grad=grad)
         for a, b, ref in zip(first, second, expected, strict=True):
             assert torch.equal(a, b)
             torch.testing.assert_close(b, ref, rtol=1e-4, atol=1e-4)
@@ -328,6 +386,12 @@ def test_every_isa_path_matches_the_reference(tmp_path):
         "    ref = reference.conv2d_act(x, w, b, stride, 1, 1, 2, 'tanh')\n"
         "    for a, e in zip([out, *torch.autograd.grad(out.sum(), (x, w, b))],\n"
         "                    [ref, *torch.autograd.grad(ref.sum(), (x, w, b))]):\n"
+        "        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))\n"
+        "    # No input gradient: G computed inside the weight gradient.\n"
+        "    out = ops.conv2d_act(x.detach(), w, b, stride, 1, 1, 2, 'tanh')\n"
+        "    ref = reference.conv2d_act(x.detach(), w, b, stride, 1, 1, 2, 'tanh')\n"
+        "    for a, e in zip(torch.autograd.grad(out.square().sum(), (w, b)),\n"
+        "                    torch.autograd.grad(ref.square().sum(), (w, b))):\n"
         "        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * float(e.abs().max()))\n"
         "print(mtlcore.build_info()['cpu_isa'])\n"
     )

@@ -23,14 +23,21 @@
 //     depends only on the shapes (1, or up to 4 when there are few depth bands) and their
 //     partial sums are added in split order, so grad_weight does not depend on the thread
 //     count either.
+//   Without an input gradient and with at most max_weight_grad_rows depth rows per group (a
+//     first layer), there is no first pass: each grad_weight job takes every depth row of up
+//     to an eighth of the images (a shape-only split) and computes G block by block (in L2) as
+//     it reads it, with the bias-gradient sums of its channels (per split, in double, added in
+//     split order). G then never goes through memory: grad_output and saved are read once.
 // Memory. The forward keeps nothing besides its outputs; while it runs it uses the padded
 //   input copy. The backward uses G (the size of grad_output, rows padded to the vector
-//   width), a padded copy of G for a unit-stride input gradient, the weights rearranged and
-//   packed, and one small workspace per thread (by columns: a block of columns, at most about
-//   256 kB, and the padded image); grad_weight adds partial sums of up to 4
-//   weight-sized buffers. The padded copies, G and the workspaces are scratch memory that the
-//   thread keeps for the next call (cpu/scratch.h: no page faults on every call; at most
-//   256 MB per buffer is kept). bench/bench_conv.py measures the peak against eager.
+//   width; without an input gradient, one block of G per thread instead: at most 2048 pixels
+//   of every channel of a group, 256 kB for 32 channels), a padded copy of G for a unit-stride
+//   input gradient, the weights rearranged and packed, and one small workspace per thread (by
+//   columns: a block of columns, at most about 256 kB, and the padded image); grad_weight adds
+//   partial sums of up to 8 weight-sized buffers. The padded copies, G and the workspaces are
+//   scratch memory that the thread keeps for the next call (cpu/scratch.h: no page faults on
+//   every call; at most 256 MB per buffer is kept). bench/bench_conv.py measures the peak
+//   against eager.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -496,14 +503,30 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
                     });
 }
 
+// Whether the weight-gradient jobs compute G themselves (no G in memory): when no input
+// gradient reads G and one job can take all depth rows, so each job reads grad_output and
+// saved once instead of G being written and read back.
+template <typename T>
+bool weight_grad_computes_g(const ConvKernels<T>& k, const Conv2dParams& p,
+                            std::array<bool, 3> output_mask) {
+  return !output_mask[0] && output_mask[1] && p.depth() <= k.max_weight_grad_rows;
+}
+
+// grad_weight from G in memory (g, rows of row_len) or, with g null, from grad_output and saved
+// (weight_grad_computes_g), then also the bias gradient into db unless db is null.
 template <typename T>
 void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
-                 const at::Tensor& input, at::Tensor& grad_weight) {
+                 const at::Tensor& input, at::Tensor& grad_weight, const at::Tensor& grad_output,
+                 const at::Tensor& saved, T* db) {
   const int64_t kg = p.k_per_group(), cg = p.c_per_group(), depth = p.depth();
+  const bool computed = g == nullptr;
   // Image splits: a function of the shapes only, so the sums do not depend on the threads.
-  const int64_t splits = p.groups * ceil_div(depth, 3) >= 16 ? 1 : std::min<int64_t>(p.n, 4);
+  // Computing G, a job takes every depth row (one band), so the images are split finer.
+  const int64_t splits = computed ? (p.groups >= 8 ? 1 : std::min<int64_t>(p.n, 8))
+                         : p.groups * ceil_div(depth, 3) >= 16 ? 1
+                                                               : std::min<int64_t>(p.n, 4);
   const int64_t wanted = 4 * at::get_num_threads();
-  const int64_t bands_wanted = ceil_div(wanted, splits * p.groups);
+  const int64_t bands_wanted = computed ? 1 : ceil_div(wanted, splits * p.groups);
   // Bands of whole panels of k.nr depth rows (the kernel's tile width).
   const int64_t band = std::clamp<int64_t>(ceil_div(ceil_div(depth, bands_wanted), k.nr) * k.nr,
                                            k.nr, k.max_weight_grad_rows);
@@ -512,15 +535,39 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
       splits == 1 ? grad_weight : at::empty({splits, p.k, depth}, grad_weight.options());
   T* dw = partial.data_ptr<T>();
   const T* x = input.data_ptr<T>();
+  // Bias-gradient sums of each split (computing G, with db).
+  std::vector<double> bias_sums(computed && db != nullptr ? splits * p.k : 0, 0.0);
+  const T* go = computed ? grad_output.data_ptr<T>() : nullptr;
+  const T* sv = computed ? saved.data_ptr<T>() : nullptr;
   at::parallel_for(0, splits * p.groups * bands, 1, [&](int64_t lo, int64_t hi) {
     const ScratchBuffer<T> workspace(ScratchSlot::kWorkerWorkspace, k.workspace);
     std::fill(workspace.data(), workspace.data() + k.workspace, T(0));
+    const ScratchBuffer<T> g_block(ScratchSlot::kWorkerGradBlock,
+                                   computed ? kg * k.weight_grad_block : 0);
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item % bands, grp = (item / bands) % p.groups;
       const int64_t split = item / (bands * p.groups);
       const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
       WeightGradJob<T> job{};
-      job.g = g + (n0 * p.k + grp * kg) * row_len;
+      if (computed) {
+        job.source = {go + n0 * grad_output.stride(0) + grp * kg * grad_output.stride(1),
+                      grad_output.stride(0),
+                      grad_output.stride(1),
+                      grad_output.stride(2),
+                      grad_output.stride(3),
+                      sv + n0 * saved.stride(0) + grp * kg * saved.stride(1),
+                      saved.stride(0),
+                      saved.stride(1),
+                      saved.stride(2),
+                      saved.stride(3),
+                      p.ow,
+                      p.activation,
+                      static_cast<T>(p.negative_slope),
+                      bias_sums.empty() ? nullptr : bias_sums.data() + split * p.k + grp * kg};
+        job.g_block = g_block.data();
+      } else {
+        job.g = g + (n0 * p.k + grp * kg) * row_len;
+      }
       job.g_ld = row_len;
       job.g_image_stride = p.k * row_len;
       job.pixels = p.oh * p.ow;
@@ -535,6 +582,11 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
       k.weight_grad(job, workspace.data());
     }
   });
+  for (int64_t c = 0; db != nullptr && computed && c < p.k; ++c) {
+    double sum = 0;
+    for (int64_t split = 0; split < splits; ++split) sum += bias_sums[split * p.k + c];
+    db[c] = static_cast<T>(sum);
+  }
   if (splits == 1) return;
   T* out = grad_weight.data_ptr<T>();
   const int64_t size = p.k * depth;
@@ -574,16 +626,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
   dispatch_float(input, [&](auto tag) {
     using T = decltype(tag);
     const ConvKernels<T>& k = kernels<T>();
+    T* db = output_mask[2] ? grad_bias.data_ptr<T>() : nullptr;
+    if (weight_grad_computes_g(k, p, output_mask)) {
+      weight_grad<T>(k, p, nullptr, 0, input, grad_weight, grad_output, saved, db);
+      return;
+    }
     const int64_t row_len = ceil_div(p.oh * p.ow, k.lanes) * k.lanes;
     // G as [N, K, row_len], plus k.nr elements of zero slack read by input_grad_columns.
     const int64_t g_size = p.n * p.k * row_len;
     const ScratchBuffer<T> g_buffer(ScratchSlot::kConvGrad, g_size + k.nr);
     T* g = g_buffer.data();
     std::fill(g + g_size, g + g_size + k.nr, T(0));
-    activation_grad(k, p, grad_output, saved, row_len, g,
-                    output_mask[2] ? grad_bias.data_ptr<T>() : nullptr);
+    activation_grad(k, p, grad_output, saved, row_len, g, db);
     if (output_mask[0]) input_grad(k, p, g, row_len, w.data_ptr<T>(), grad_input);
-    if (output_mask[1]) weight_grad(k, p, g, row_len, input, grad_weight);
+    if (output_mask[1]) weight_grad(k, p, g, row_len, input, grad_weight, grad_output, saved, db);
   });
   return {grad_input, grad_weight, grad_bias};
 }

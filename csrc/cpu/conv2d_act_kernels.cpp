@@ -18,7 +18,10 @@
 //   gathered into chunks of up to kPc pixels (several small images, or part of a large one)
 //   and transposed into panels of kNr depth rows ([pixel][kNr]); the 2 * kMr vector
 //   accumulators stay in registers over a whole chunk, in memory between chunks.
-//   Each job owns a band of depth rows, so no reduction between threads is needed.
+//   Each job owns a band of depth rows, so no reduction between threads is needed. Without an
+//   input gradient, G is not kept in memory: the job computes it from grad_output and the
+//   activation's saved tensor (with the bias gradient's sums) in blocks of up to 2048 pixels
+//   that stay in L2, just before their chunks are gathered.
 // Numerics. Accumulation in T (float or double), fused multiply-add where the ISA has it (avx2,
 //   avx512), separate multiply and add in the base path. The depth sum of one output runs in
 //   depth order, the pixel sum of one weight-gradient element in pixel order (one chain), and
@@ -177,11 +180,13 @@ T lane_sum(typename Simd<T>::V v) {
 // ---------------------------------------------------------------------------------------------
 // Blocking
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kMr = 6;          // rows of A per micro-tile
-constexpr int64_t kKc = 128;        // depth rows per block
-constexpr int64_t kPanels = 8;      // B panels per pixel block
-constexpr int64_t kPc = 256;        // pixels per weight-gradient chunk
-constexpr int64_t kMaxWgRows = 64;  // depth rows per weight-gradient job (whole panels)
+constexpr int64_t kMr = 6;                     // rows of A per micro-tile
+constexpr int64_t kKc = 128;                   // depth rows per block
+constexpr int64_t kPanels = 8;                 // B panels per pixel block
+constexpr int64_t kPc = 256;                   // pixels per weight-gradient chunk
+constexpr int64_t kMaxWgRows = 64;             // depth rows per weight-gradient job (whole panels)
+constexpr int64_t kGradBlockPixels = 8 * kPc;  // most pixels of G computed at a time
+constexpr int64_t kGradBlockElements = 1 << 16;  // most elements of G computed at a time
 
 template <typename T>
 constexpr int64_t kNr = 2 * Simd<T>::kLanes;  // pixels per B panel
@@ -624,6 +629,61 @@ void gemm(const GemmJob<T>& job, T* workspace) {
 // Weight gradient
 // ---------------------------------------------------------------------------------------------
 
+// Sum of x[0, n): kAcc vector accumulators over the lanes, then a fixed-order reduction (the
+// same order on every call, so the result is deterministic).
+template <typename T>
+T vector_sum(const T* x, int64_t n) {
+  using S = Simd<T>;
+  constexpr int L = S::kLanes, kAcc = 4;
+  typename S::V acc[kAcc];
+  for (int i = 0; i < kAcc; ++i) acc[i] = S::zero();
+  const typename S::V one = S::broadcast(T(1));
+  int64_t i = 0;
+  for (; i + kAcc * L <= n; i += kAcc * L) {
+    for (int a = 0; a < kAcc; ++a) acc[a] = S::fma(S::load(x + i + a * L), one, acc[a]);
+  }
+  T total = 0;
+  for (int a = 0; a < kAcc; ++a) total += lane_sum<T>(acc[a]);
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+
+// G of channels [0, m) of image n at pixels [p0, p0 + pixels), computed from the source into
+// rows of `out` (row stride ld) and zero up to len; with a bias, each row's sum is added to it.
+template <typename T, Activation A>
+void grad_block_impl(const GradSource<T>& src, int64_t n, int64_t p0, int64_t pixels, int64_t len,
+                     int64_t m, T* out, int64_t ld) {
+  const T slope = src.negative_slope;
+  for (int64_t k = 0; k < m; ++k) {
+    const T* go = src.grad_output + n * src.go_n + k * src.go_c;
+    const T* sv = src.saved + n * src.sv_n + k * src.sv_c;
+    T* __restrict o = out + k * ld;
+    for (int64_t j = 0, y = p0 / src.ow, x = p0 % src.ow; j < pixels; x = 0, ++y) {
+      const int64_t run = std::min(src.ow - x, pixels - j);
+      const T* a = go + y * src.go_y + x * src.go_x;
+      const T* b = sv + y * src.sv_y + x * src.sv_x;
+      if (src.go_x == 1 && src.sv_x == 1) {
+        for (int64_t i = 0; i < run; ++i) o[j + i] = act::backward<A, T>(a[i], b[i], slope);
+      } else {
+        for (int64_t i = 0; i < run; ++i) {
+          o[j + i] = act::backward<A, T>(a[i * src.go_x], b[i * src.sv_x], slope);
+        }
+      }
+      j += run;
+    }
+    std::fill(o + pixels, o + len, T(0));
+    if (src.bias != nullptr) src.bias[k] += vector_sum(o, pixels);
+  }
+}
+
+template <typename T>
+void grad_block(const GradSource<T>& src, int64_t n, int64_t p0, int64_t pixels, int64_t len,
+                int64_t m, T* out, int64_t ld) {
+  dispatch_activation(src.activation, [&](auto a) {
+    grad_block_impl<T, decltype(a)::value>(src, n, p0, pixels, len, m, out, ld);
+  });
+}
+
 // A run of one image's pixels in a weight-gradient chunk: the broadcast operand's rows at g
 // (G's rows in place, or X's in the workspace when the roles swap), the same pixels at column
 // `col` of the chunk, len (a multiple of the vector width) columns.
@@ -754,6 +814,14 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
   constexpr int64_t L = Simd<T>::kLanes, nr = kNr<T>;
   const int64_t rows = job.d_end - job.d_begin, m = job.m;
   const int64_t rows_pad = round_up(rows, nr), m_pad = round_up(m, nr);
+  // Computed G: blocks of `block` pixels of one image at a time (whole chunks, at most
+  // kGradBlockElements elements: they stay in L2), long runs of each channel's plane for the
+  // hardware prefetcher; G in memory: one block per image.
+  const bool computed = job.g == nullptr;
+  const int64_t block =
+      computed ? std::clamp<int64_t>(kGradBlockElements / m / kPc * kPc, kPc, kGradBlockPixels)
+               : job.pixels;
+  const int64_t g_ld = computed ? block : job.g_ld;
   // (The workspace holds transposed panels of at most kMaxWgRows rows, so G's m rows must fit.)
   const bool swapped = m <= kMaxWgRows && m_pad * rows < rows_pad * m;
   // Accumulators: [k][d] (row stride rows_pad), or [d][k] (row stride m_pad) when swapped.
@@ -768,28 +836,35 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
   const auto flush = [&] {
     if (swapped) {
       for (int64_t i = 0; i < count; ++i) {
-        transpose_panels(segments[i].g, m, job.g_ld, segments[i].len, bt + segments[i].col * nr,
+        transpose_panels(segments[i].g, m, g_ld, segments[i].len, bt + segments[i].col * nr,
                          kPc * nr);
         x_rows[i] = {workspace + segments[i].col, segments[i].col, segments[i].len};
       }
       outer_products(x_rows, count, kPc, rows, bt, m_pad / nr, acc.data(), m_pad);
     } else {
       transpose_panels(workspace, rows, kPc, width, bt, kPc * nr);
-      outer_products(segments, count, job.g_ld, m, bt, rows_pad / nr, acc.data(), rows_pad);
+      outer_products(segments, count, g_ld, m, bt, rows_pad / nr, acc.data(), rows_pad);
     }
     count = width = 0;
   };
   for (int64_t n = 0; n < job.num_images; ++n) {
     Gather<T> x = job.x;
     x.src += n * job.x_image_stride;
-    const T* g = job.g + n * job.g_image_stride;
-    for (int64_t p0 = 0; p0 < job.pixels; p0 += kPc) {
-      const int64_t pixels = std::min(kPc, job.pixels - p0);
-      const int64_t len = round_up(pixels, L);
-      if (width + len > kPc) flush();
-      pack_b(x, job.d_begin, rows, p0, p0 + pixels, kPc, 0, len, workspace + width);
-      segments[count++] = {g + p0, width, len};
-      width += len;
+    for (int64_t q0 = 0; q0 < job.pixels; q0 += block) {
+      const int64_t q1 = std::min(job.pixels, q0 + block);
+      const T* g = computed ? job.g_block : job.g + n * job.g_image_stride + q0;  // pixel q0
+      if (computed) {
+        if (count > 0) flush();  // the pending segments read the buffer
+        grad_block(job.source, n, q0, q1 - q0, round_up(q1 - q0, L), m, job.g_block, block);
+      }
+      for (int64_t p0 = q0; p0 < q1; p0 += kPc) {
+        const int64_t pixels = std::min(kPc, q1 - p0);
+        const int64_t len = round_up(pixels, L);
+        if (width + len > kPc) flush();
+        pack_b(x, job.d_begin, rows, p0, p0 + pixels, kPc, 0, len, workspace + width);
+        segments[count++] = {g + (p0 - q0), width, len};
+        width += len;
+      }
     }
   }
   if (count > 0) flush();
@@ -841,25 +916,6 @@ void col2im(const Col2ImJob<T>& job) {
 // ---------------------------------------------------------------------------------------------
 // Backward's first pass
 // ---------------------------------------------------------------------------------------------
-// Sum of x[0, n): kAcc vector accumulators over the lanes, then a fixed-order reduction (the
-// same order on every call, so the result is deterministic).
-template <typename T>
-T vector_sum(const T* x, int64_t n) {
-  using S = Simd<T>;
-  constexpr int L = S::kLanes, kAcc = 4;
-  typename S::V acc[kAcc];
-  for (int i = 0; i < kAcc; ++i) acc[i] = S::zero();
-  const typename S::V one = S::broadcast(T(1));
-  int64_t i = 0;
-  for (; i + kAcc * L <= n; i += kAcc * L) {
-    for (int a = 0; a < kAcc; ++a) acc[a] = S::fma(S::load(x + i + a * L), one, acc[a]);
-  }
-  T total = 0;
-  for (int a = 0; a < kAcc; ++a) total += lane_sum<T>(acc[a]);
-  for (; i < n; ++i) total += x[i];
-  return total;
-}
-
 template <typename T, Activation A>
 double activation_grad_plane_impl(T slope, const T* go, int64_t go_sy, int64_t go_sx, const T* sv,
                                   int64_t sv_sy, int64_t sv_sx, int64_t oh, int64_t ow,
@@ -898,6 +954,7 @@ constexpr ConvKernels<T> make_kernels() {
           kNr<T>,
           Simd<T>::kLanes,
           kMaxWgRows,
+          kGradBlockPixels,
           std::max(kKc * kPanels * kNr<T>, kMaxWgRows * kPc + round_up(kMaxWgRows, kNr<T>) * kPc),
           &packed_a_size<T>,
           &pack_a<T>,

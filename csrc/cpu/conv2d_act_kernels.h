@@ -74,13 +74,32 @@ struct DirectGemmJob {
   Epilogue<T> epilogue;
 };
 
+// G computed where it is read instead of read from memory: grad_output * act'(saved), both
+// read through their element strides (n: image, c: channel, y, x; pointers at image 0, first
+// channel of the group), ow pixels per output row. When bias is not null, each channel's sum
+// of G over the job's images and pixels is added to bias[k] (k < m).
+template <typename T>
+struct GradSource {
+  const T* grad_output;
+  int64_t go_n, go_c, go_y, go_x;
+  const T* saved;
+  int64_t sv_n, sv_c, sv_y, sv_x;
+  int64_t ow;
+  Activation activation;
+  T negative_slope;
+  double* bias;
+};
+
 // One weight-gradient job: dW[k][d] for k < m and depth rows d in [d_begin, d_end)
 // (d_end - d_begin <= max_weight_grad_rows), summed over images [0, num_images) and all their
-// pixels. G rows are zero-padded to g_ld (a multiple of the vector width); dw[k * dw_ld + d]
-// is overwritten.
+// pixels. G is read from g (rows zero-padded to g_ld, a multiple of the vector width) or, when
+// g is null, computed from `source` block by block into g_block (m * weight_grad_block
+// elements); dw[k * dw_ld + d] is overwritten.
 template <typename T>
 struct WeightGradJob {
   const T* g;  // image 0, first channel of the group
+  GradSource<T> source;
+  T* g_block;
   int64_t g_ld, g_image_stride, pixels;
   int64_t m;
   Gather<T> x;  // per image: x.src + image * x_image_stride
@@ -118,6 +137,7 @@ struct ConvKernels {
   int64_t channel_block;         // A row block of channel_gemm (output channels per tile)
   int64_t lanes;                 // vector width in elements: G rows are padded to a multiple
   int64_t max_weight_grad_rows;  // most depth rows one weight-gradient job may take
+  int64_t weight_grad_block;     // most pixels of G a weight-gradient job computes at a time
   int64_t workspace;             // elements of scratch memory one thread needs
   int64_t (*packed_a_size)(int64_t m, int64_t depth, int64_t block);
   // Packs row-major A [m][depth] (row stride lda) in row blocks of `block` (mr for gemm and

@@ -33,6 +33,7 @@ enum class ScratchSlot : int {
   kWorkerWorkspace,      // a parallel job's micro-kernel workspace
   kWorkerColumns,        // input gradient by columns: a block of columns
   kWorkerImage,          // input gradient by columns: the padded image gradient
+  kWorkerGradBlock,      // weight gradient without G in memory: a block of G's rows
   kCount,
 };
 
