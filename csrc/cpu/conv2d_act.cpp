@@ -297,25 +297,40 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act_with_preact_cpu(
                  true);
 }
 
-// g = grad_output * act'(saved) as [N, K, row_len] (zero beyond oh * ow) and, unless db is
-// null, the bias gradient db[K] (sum of g per channel).
+// Where G = grad_output * act'(saved) comes from, for image n and channels from `channel` on;
+// each channel's sum of G is added to bias[] unless bias is null.
+template <typename T>
+GradSource<T> grad_source(const Conv2dParams& p, const at::Tensor& grad_out,
+                          const at::Tensor& saved, int64_t n, int64_t channel, double* bias) {
+  return {grad_out.const_data_ptr<T>() + n * grad_out.stride(0) + channel * grad_out.stride(1),
+          grad_out.stride(0),
+          grad_out.stride(1),
+          grad_out.stride(2),
+          grad_out.stride(3),
+          saved.const_data_ptr<T>() + n * saved.stride(0) + channel * saved.stride(1),
+          saved.stride(0),
+          saved.stride(1),
+          saved.stride(2),
+          saved.stride(3),
+          p.ow,
+          p.activation,
+          static_cast<T>(p.negative_slope),
+          bias};
+}
+
+// G as [N, K, row_len] (zero beyond oh * ow) and, unless db is null, the bias gradient db[K]
+// (sum of G per channel).
 template <typename T>
 void activation_grad(const ConvKernels<T>& k, const Conv2dParams& p, const at::Tensor& grad_out,
                      const at::Tensor& saved, int64_t row_len, T* g, T* db) {
-  const int64_t pixels = p.oh * p.ow, planes = p.n * p.k;
-  std::vector<double> plane_sums(planes);
-  const T* go = grad_out.data_ptr<T>();
-  const T* sv = saved.data_ptr<T>();
+  const int64_t planes = p.n * p.k;
+  std::vector<double> plane_sums(db != nullptr ? planes : 0, 0.0);
   at::parallel_for(0, planes, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t n = i / p.k, c = i % p.k;
-      T* row = g + i * row_len;
-      plane_sums[i] = k.activation_grad_plane(p.activation, static_cast<T>(p.negative_slope),
-                                              go + n * grad_out.stride(0) + c * grad_out.stride(1),
-                                              grad_out.stride(2), grad_out.stride(3),
-                                              sv + n * saved.stride(0) + c * saved.stride(1),
-                                              saved.stride(2), saved.stride(3), p.oh, p.ow, row);
-      std::fill(row + pixels, row + row_len, T(0));
+      double* sum = db != nullptr ? &plane_sums[i] : nullptr;
+      k.grad_block(grad_source<T>(p, grad_out, saved, n, c, sum), 0, 0, p.oh * p.ow, row_len, 1,
+                   g + i * row_len, row_len);
     }
   });
   if (db == nullptr) return;
@@ -512,8 +527,9 @@ bool weight_grad_computes_g(const ConvKernels<T>& k, const Conv2dParams& p,
   return !output_mask[0] && output_mask[1] && p.depth() <= k.max_weight_grad_rows;
 }
 
-// grad_weight from G in memory (g, rows of row_len) or, with g null, from grad_output and saved
-// (weight_grad_computes_g), then also the bias gradient into db unless db is null.
+// grad_weight from G in memory (g, rows of row_len; db must be null: the first pass computed
+// it) or, with g null, from grad_output and saved (weight_grad_computes_g), then also the bias
+// gradient into db unless db is null.
 template <typename T>
 void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
                  const at::Tensor& input, at::Tensor& grad_weight, const at::Tensor& grad_output,
@@ -535,10 +551,8 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
       splits == 1 ? grad_weight : at::empty({splits, p.k, depth}, grad_weight.options());
   T* dw = partial.data_ptr<T>();
   const T* x = input.data_ptr<T>();
-  // Bias-gradient sums of each split (computing G, with db).
-  std::vector<double> bias_sums(computed && db != nullptr ? splits * p.k : 0, 0.0);
-  const T* go = computed ? grad_output.data_ptr<T>() : nullptr;
-  const T* sv = computed ? saved.data_ptr<T>() : nullptr;
+  // Bias-gradient sums of each split (with db).
+  std::vector<double> bias_sums(db != nullptr ? splits * p.k : 0, 0.0);
   at::parallel_for(0, splits * p.groups * bands, 1, [&](int64_t lo, int64_t hi) {
     const ScratchBuffer<T> workspace(ScratchSlot::kWorkerWorkspace, k.workspace);
     std::fill(workspace.data(), workspace.data() + k.workspace, T(0));
@@ -550,20 +564,9 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
       const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
       WeightGradJob<T> job{};
       if (computed) {
-        job.source = {go + n0 * grad_output.stride(0) + grp * kg * grad_output.stride(1),
-                      grad_output.stride(0),
-                      grad_output.stride(1),
-                      grad_output.stride(2),
-                      grad_output.stride(3),
-                      sv + n0 * saved.stride(0) + grp * kg * saved.stride(1),
-                      saved.stride(0),
-                      saved.stride(1),
-                      saved.stride(2),
-                      saved.stride(3),
-                      p.ow,
-                      p.activation,
-                      static_cast<T>(p.negative_slope),
-                      bias_sums.empty() ? nullptr : bias_sums.data() + split * p.k + grp * kg};
+        job.source =
+            grad_source<T>(p, grad_output, saved, n0, grp * kg,
+                           bias_sums.empty() ? nullptr : bias_sums.data() + split * p.k + grp * kg);
         job.g_block = g_block.data();
       } else {
         job.g = g + (n0 * p.k + grp * kg) * row_len;
@@ -582,7 +585,7 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
       k.weight_grad(job, workspace.data());
     }
   });
-  for (int64_t c = 0; db != nullptr && computed && c < p.k; ++c) {
+  for (int64_t c = 0; db != nullptr && c < p.k; ++c) {
     double sum = 0;
     for (int64_t split = 0; split < splits; ++split) sum += bias_sums[split * p.k + c];
     db[c] = static_cast<T>(sum);
@@ -639,7 +642,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
     std::fill(g + g_size, g + g_size + k.nr, T(0));
     activation_grad(k, p, grad_output, saved, row_len, g, db);
     if (output_mask[0]) input_grad(k, p, g, row_len, w.data_ptr<T>(), grad_input);
-    if (output_mask[1]) weight_grad(k, p, g, row_len, input, grad_weight, grad_output, saved, db);
+    if (output_mask[1]) {
+      weight_grad<T>(k, p, g, row_len, input, grad_weight, grad_output, saved, nullptr);
+    }
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -626,7 +626,7 @@ void gemm(const GemmJob<T>& job, T* workspace) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Weight gradient
+// G = grad_output * act'(saved): the backward's first pass, or blocks of the weight gradient
 // ---------------------------------------------------------------------------------------------
 
 // Sum of x[0, n): kAcc vector accumulators over the lanes, then a fixed-order reduction (the
@@ -683,6 +683,10 @@ void grad_block(const GradSource<T>& src, int64_t n, int64_t p0, int64_t pixels,
     grad_block_impl<T, decltype(a)::value>(src, n, p0, pixels, len, m, out, ld);
   });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradient
+// ---------------------------------------------------------------------------------------------
 
 // A run of one image's pixels in a weight-gradient chunk: the broadcast operand's rows at g
 // (G's rows in place, or X's in the workspace when the roles swap), the same pixels at column
@@ -913,38 +917,6 @@ void col2im(const Col2ImJob<T>& job) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Backward's first pass
-// ---------------------------------------------------------------------------------------------
-template <typename T, Activation A>
-double activation_grad_plane_impl(T slope, const T* go, int64_t go_sy, int64_t go_sx, const T* sv,
-                                  int64_t sv_sy, int64_t sv_sx, int64_t oh, int64_t ow,
-                                  T* __restrict g) {
-  for (int64_t y = 0; y < oh; ++y) {
-    const T* a = go + y * go_sy;
-    const T* s = sv + y * sv_sy;
-    T* __restrict out = g + y * ow;
-    if (go_sx == 1 && sv_sx == 1) {
-      for (int64_t x = 0; x < ow; ++x) out[x] = act::backward<A, T>(a[x], s[x], slope);
-    } else {
-      for (int64_t x = 0; x < ow; ++x) {
-        out[x] = act::backward<A, T>(a[x * go_sx], s[x * sv_sx], slope);
-      }
-    }
-  }
-  return vector_sum(g, oh * ow);
-}
-
-template <typename T>
-double activation_grad_plane(Activation activation, T slope, const T* go, int64_t go_sy,
-                             int64_t go_sx, const T* sv, int64_t sv_sy, int64_t sv_sx, int64_t oh,
-                             int64_t ow, T* g) {
-  return dispatch_activation(activation, [&](auto a) {
-    return activation_grad_plane_impl<T, decltype(a)::value>(slope, go, go_sy, go_sx, sv, sv_sy,
-                                                             sv_sx, oh, ow, g);
-  });
-}
-
 // constexpr, so that the tables are constant-initialised: a dynamic initialiser of the avx512
 // copy would run AVX-512 instructions when the library loads, on any processor.
 template <typename T>
@@ -963,7 +935,7 @@ constexpr ConvKernels<T> make_kernels() {
           &channel_gemm<T>,
           &weight_grad<T>,
           &col2im<T>,
-          &activation_grad_plane<T>};
+          &grad_block<T>};
 }
 
 }  // namespace

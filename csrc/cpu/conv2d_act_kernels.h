@@ -148,11 +148,12 @@ struct ConvKernels {
   void (*channel_gemm)(const DirectGemmJob<T>& job);
   void (*weight_grad)(const WeightGradJob<T>& job, T* workspace);
   void (*col2im)(const Col2ImJob<T>& job);
-  // One [oh, ow] plane of the backward's first pass: g = grad_output * act'(saved) stored
-  // contiguously (row after row) to g; returns the sum of g (the plane's bias-gradient share).
-  double (*activation_grad_plane)(Activation activation, T negative_slope, const T* grad_output,
-                                  int64_t go_sy, int64_t go_sx, const T* saved, int64_t sv_sy,
-                                  int64_t sv_sx, int64_t oh, int64_t ow, T* g);
+  // G = grad_output * act'(saved) of channels [0, m) of image n at output pixels
+  // [p0, p0 + pixels) (row after row) into rows of `out` (row stride ld), zero up to len; with
+  // source.bias, each channel's sum of G is added to it. The backward's first pass (one plane
+  // per call) and the weight gradient without G in memory (blocks) both use it.
+  void (*grad_block)(const GradSource<T>& source, int64_t n, int64_t p0, int64_t pixels,
+                     int64_t len, int64_t m, T* out, int64_t ld);
 };
 
 struct ConvKernelTable {
