@@ -157,12 +157,16 @@ def test_kernel_shapes_and_same_padding(device, kernel, activation):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gaussian_inputs_and_larger_layers(device, activation):
-    """Random (not quantized) data through layers deep enough to need several depth blocks."""
+    """Random (not quantized) data through layers deep enough to need several depth blocks,
+    some with output rows a little wider than one CPU tile (whose last tile then starts early
+    in the row and recomputes pixels of the tile before it)."""
     gen = torch.Generator().manual_seed(2)
     for n, c, h, k, padding, groups in [
         (2, 64, 12, 40, 1, 1),
         (3, 300, 5, 7, 0, 1),
         (2, 32, 9, 32, 1, 4),
+        (2, 20, 21, 24, 1, 1),  # 21-pixel rows, 180 depth rows (216 for the input gradient)
+        (2, 16, 19, 20, 0, 1),  # 17-pixel rows, valid
     ]:
         x = torch.randn(n, c, h, h, generator=gen).to(device).requires_grad_()
         weight = torch.randn(k, c // groups, 3, 3, generator=gen) / (c * 9 / groups) ** 0.5
