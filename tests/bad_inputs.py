@@ -582,6 +582,14 @@ OPTIM = {
         "state_steps[1]",
         lambda: adam(steps=[torch.tensor(1.0), torch.ones(2)]),
     ),
+    "adam_: state_step zero": (
+        "state_steps[1]",
+        lambda: adam(steps=[torch.tensor(1.0), torch.tensor(0.0)]),
+    ),
+    "adam_: state_step nan": (
+        "state_steps[0]",
+        lambda: adam(steps=[torch.tensor(math.nan), torch.tensor(1.0)]),
+    ),
     "adam_: exp_avg aliases its param": (
         "exp_avgs[0]",
         lambda: (lambda p: adam(params=[p], m=[p]))(f32(5)),

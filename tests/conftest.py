@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -43,3 +45,12 @@ else:
         "long", max_examples=2000, deadline=None, suppress_health_check=_slow, print_blob=True
     )
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def assert_device_side_assertion(script: str) -> None:
+    """Runs `script` (CUDA work, then a synchronisation) in a child process and checks that it
+    failed on a device-side assertion. A child: the assertion leaves the CUDA context
+    unusable."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "assert" in out.stderr.lower()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dtypes_for
+from conftest import assert_device_side_assertion, dtypes_for
 
 import mtlcore
 from mtlcore import ops, optim, reference
@@ -623,3 +623,45 @@ def test_low_precision_params_match_torch_fused_on_cuda(name, dtype):
     run_steps(theirs, torch_params, 20, seed=3)
     for a, b in zip(ours_params, torch_params, strict=True):
         torch.testing.assert_close(a.detach().float(), b.detach().float(), **tol(dtype))
+
+
+def test_adam_step_below_one_raises_before_any_update():
+    """state_steps must be >= 1 (bias_correction1 = 1 - beta1^0 would divide by zero): the CPU
+    op raises, naming the counter, and leaves every tensor as it was."""
+    params = [torch.randn(5), torch.randn(3, 2)]
+    grads = [torch.randn_like(p) for p in params]
+    state = [torch.zeros_like(p) for p in params for _ in range(2)]
+    before = [t.clone() for t in params + state]
+    steps = [torch.tensor(2.0), torch.tensor(0.0)]
+    with pytest.raises(ValueError, match=r"state_steps\[1\] must be >= 1"):
+        ops.adam_(
+            params,
+            grads,
+            state[0::2],
+            state[1::2],
+            [],
+            steps,
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+        )
+    for a, b in zip(params + state, before, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_adam_step_below_one_is_a_device_side_error():
+    """On CUDA the step counters stay on the device (no synchronisation): a step of 0 trips a
+    device-side assertion, reported at the next synchronisation, instead of writing inf/NaN
+    parameters."""
+    assert_device_side_assertion(
+        "import torch\n"
+        "from mtlcore import ops\n"
+        "p = [torch.randn(1000, device='cuda')]\n"
+        "z = [torch.zeros(1000, device='cuda')]\n"
+        "ops.adam_(p, [torch.randn_like(p[0])], z, [torch.zeros_like(z[0])], [],\n"
+        "          [torch.tensor(0.0, device='cuda')], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)\n"
+        "torch.cuda.synchronize()\n"
+    )

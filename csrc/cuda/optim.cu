@@ -12,7 +12,9 @@
 // GradScaler tensors (found_inf, grad_scale: one float32 element each) and Adam's step
 // counters (float32 or float64, one per group, carried as the group's extra pointer) are
 // read by each block from device memory: no host synchronisation. When found_inf is nonzero
-// every block returns before writing anything, so nothing at all changes.
+// every block returns before writing anything, so nothing at all changes. A step counter
+// below 1 (or NaN), which the CPU op rejects, trips a device-side assertion (reported at the
+// next synchronisation) before its block writes anything.
 //
 // Numerics. Element math is done in the op-math type T (float for float, half and bfloat16;
 // double for double), loading converts to T and storing rounds back to the dtype. Every
@@ -191,6 +193,9 @@ struct AdamOp {
     if constexpr (kScale) scale = static_cast<T>(*grad_scale);
     const double step = read_step(c.extra, c.extra_tag);
     if (inf != 0.0f) return;
+    // The CPU op raises for a step below 1 (bias_correction1 would be 0); here the counter is
+    // on the device, so every thread of the block asserts before writing anything.
+    CUDA_KERNEL_ASSERT(step >= 1.0 && "mtlcore.adam_: state_steps must be >= 1");
     const AdamScalars<T> k = s;
     const double bias_correction1 = 1.0 - ::pow(k.beta1, step);
     const T step_size = static_cast<T>(k.lr / bias_correction1);

@@ -156,8 +156,10 @@ def adam_(
     """Fused in-place Adam / AdamW update, with ``torch.optim.Adam`` / ``AdamW``'s arithmetic.
 
     ``state_steps[i]`` is a one-element tensor holding the step count *including* this update
-    (increment it before the call, as ``torch.optim`` does); each parameter may be at its own
-    step. For each index ``i``, with ``t = state_steps[i]``::
+    (increment it before the call, as ``torch.optim`` does; below 1 is an error: a
+    ``ValueError`` on the CPU, a device-side assertion on CUDA, where the counters are read
+    without synchronising); each parameter may be at its own step. For each index ``i``, with
+    ``t = state_steps[i]``::
 
         g = grads[i] / grad_scale                  (then stored back into grads[i])
         g = -g if maximize
