@@ -141,11 +141,13 @@ int64_t positions(const TaskView& v) {
 // total is 1 and there is no relation: backward's coefficient is then exactly 1 and the
 // in-place backward skips the task (no pass over its gradient). 1 where that could cost
 // precision: half logits (w / n would put the gradient in fp16's subnormals, and a later
-// coefficient would scale up their rounding), w_i zero or not finite, |w_i / n_i| outside
-// [2^-30, 1] (no gradient overflows or falls far below its unscaled size).
+// coefficient would scale up their rounding; but 1/2 for mse, whose 2 (x - y) would overflow
+// fp16 from |x - y| > 32752 on: halving is exact), w_i zero or not finite, |w_i / n_i|
+// outside [2^-30, 1] (no gradient overflows or falls far below its unscaled size).
 double grad_factor(const TaskView& v, double w, at::ScalarType dtype) {
   const int64_t n = positions(v);
-  if (dtype == at::kHalf || n == 0) return 1.0;
+  if (n == 0) return 1.0;
+  if (dtype == at::kHalf) return v.kind == LossKind::kMse ? 0.5 : 1.0;
   const double f = w / static_cast<double>(n);
   const double a = std::abs(f);
   return std::isfinite(f) && a >= 0x1p-30 && a <= 1.0 ? f : 1.0;
@@ -225,9 +227,10 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
       const double n = static_cast<double>(count[i]);
       loss[i] = sum[i] / n;
       // grads[i] / grad_scale[i] = d L_i / d logits[i]: count * f_i, which is w_i itself when
-      // no label is missing (f_i = w_i / n_i), so that backward's coefficient is exactly 1.
+      // no label is missing and f_i = w_i / n_i, so that backward's coefficient is exactly 1.
       const double f = views[i].grad_factor;
-      grad_scale[i] = f == 1.0 ? n : (count[i] == positions(views[i]) ? weight(i) : n * f);
+      const bool weighted = f != 1.0 && p.dtype != at::kHalf;  // f_i = w_i / n_i
+      grad_scale[i] = weighted && count[i] == positions(views[i]) ? weight(i) : n * f;
     }
   }
   const std::vector<double> rel = to_doubles(p.relation);

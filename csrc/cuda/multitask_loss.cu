@@ -37,12 +37,14 @@
 // are theirs: 1 - eps and eps / C in the math type, softmax as exp(x - max) * (1 / sum). Losses
 // are summed in double (per thread, then per block, then per task). L_i = sum / count and
 // grad_scale = count (grads[i] / grad_scale[i] = d L_i / d logits[i]: the gradients here are
-// unscaled; the CPU forward pre-scales its own) are computed in double and rounded to the loss
-// dtype; total is computed in double from the unrounded L. Backward: coef_i is computed in
-// double, rounded to the gradient's op-math type and multiplied by the gradient, which is
-// rounded once. A ce label outside [0, C) (and not ignore_index) trips a device-side assertion
-// (CUDA_KERNEL_ASSERT, as torch's nll_loss does) at the end of the block that read it; the
-// position is skipped (gradient 0), never read out of bounds.
+// unscaled, mse's also without its factor 2, which makes its grad_scale count / 2, since
+// 2 (x - y) would overflow half precision from |x - y| > 32752 on; the CPU forward pre-scales
+// its own) are computed in double and rounded to the loss dtype; total is computed in double
+// from the unrounded L. Backward: coef_i is computed in double, rounded to the gradient's
+// op-math type and multiplied by the gradient, which is rounded once. A ce label outside [0, C)
+// (and not ignore_index) trips a device-side assertion (CUDA_KERNEL_ASSERT, as torch's nll_loss
+// does) at the end of the block that read it; the position is skipped (gradient 0), never read out
+// of bounds.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -224,8 +226,10 @@ MTLCORE_HD Acc elementwise_loss(Acc x, Acc y, Acc* grad) {
     }
     return (x > Acc(0) ? x : Acc(0)) - x * y + math_log1p(e);
   } else if constexpr (K == LossKind::kMse) {
+    // d loss / d x = 2 d: the factor 2 goes into the task's grad_scale (count / 2) instead,
+    // so a half-precision gradient overflows only where d itself does, not from |d| > 32752.
     const Acc d = x - y;
-    *grad = Acc(2) * d;
+    *grad = d;
     return d * d;
   } else {
     static_assert(K == LossKind::kL1);
@@ -509,8 +513,8 @@ template <typename LossT>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const int64_t* first_item, const double* partial_loss,
                     const int64_t* partial_count, int64_t num_tasks, const LossT* weights,
-                    const LossT* relation, double* task_loss, LossT* per_task, LossT* grad_scale,
-                    LossT* total) {
+                    const LossT* relation, const TaskView* views, double* task_loss,
+                    LossT* per_task, LossT* grad_scale, LossT* total) {
   for (int64_t i = 0; i < num_tasks; ++i) {
     LossSum sum{0.0, 0};
     for (int64_t k = first_item[i] + threadIdx.x; k < first_item[i + 1]; k += kThreads) {
@@ -522,7 +526,8 @@ __global__ void __launch_bounds__(kThreads)
       const double loss = sum.count > 0 ? sum.loss / count : 0.0;
       task_loss[i] = loss;
       per_task[i] = static_cast<LossT>(loss);
-      grad_scale[i] = static_cast<LossT>(count);  // the gradients here are unscaled
+      // The gradients here are unscaled (mse's without its factor 2).
+      grad_scale[i] = static_cast<LossT>(views[i].kind == LossKind::kMse ? count / 2 : count);
     }
   }
   __syncthreads();  // task_loss, written by thread 0, is read by all threads below
@@ -793,9 +798,9 @@ ForwardOutputs multitask_loss_forward_cuda(const char* op, at::TensorList logits
         finalize_kernel<Acc><<<1, kThreads, 0, stream>>>(
             uploaded<int64_t>(meta, offsets[1]), partial_loss.const_data_ptr<double>(),
             partial_count.const_data_ptr<int64_t>(), num_tasks, data_or_null<Acc>(w),
-            data_or_null<Acc>(r), task_loss.mutable_data_ptr<double>(),
-            out.per_task.mutable_data_ptr<Acc>(), out.grad_scale.mutable_data_ptr<Acc>(),
-            out.total.mutable_data_ptr<Acc>());
+            data_or_null<Acc>(r), uploaded<TaskView>(meta, offsets[0]),
+            task_loss.mutable_data_ptr<double>(), out.per_task.mutable_data_ptr<Acc>(),
+            out.grad_scale.mutable_data_ptr<Acc>(), out.total.mutable_data_ptr<Acc>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;
