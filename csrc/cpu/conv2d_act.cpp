@@ -11,7 +11,10 @@
 //   gradient would be more than an eighth zero border (valid convolutions of small images), is
 //   computed by columns instead (a GEMM on G's rows, then a vectorised scatter-add into a
 //   padded image); with fewer than 4 (image, group) jobs a strided one gathers panels.
-// Parallel split (one at::parallel_for per product, torch.set_num_threads governs it):
+// Parallel split (one parallel region per product, torch.set_num_threads governs it; the
+//   threads take the jobs one at a time from a shared counter, cpu/parallel.h, so a core slowed
+//   by another process does not hold up the op; each job writes its own outputs or partial
+//   sums, so which thread runs it does not change the result):
 //   grad_input by columns: one job per (image, group), in blocks of whole output rows;
 //   forward and grad_input: jobs = (image, group, block of up to 8 pixel panels), at least
 //     four jobs per thread when the problem allows; every output element is computed by one
@@ -52,6 +55,7 @@
 #include "common/cpu_isa.h"
 #include "cpu/conv2d_act_kernels.h"
 #include "cpu/output_cache.h"
+#include "cpu/parallel.h"
 #include "cpu/scratch.h"
 
 namespace mtlcore::cpu {
@@ -131,16 +135,19 @@ void for_each_gemm_job(const ConvKernels<T>& k, int64_t images, int64_t groups, 
   int64_t blocks = std::min(units, ceil_div(pixels, 8 * k.nr));
   const int64_t wanted = 4 * at::get_num_threads();
   if (per_image * blocks < wanted) blocks = std::min(units, ceil_div(wanted, per_image));
-  at::parallel_for(0, per_image * blocks, 1, [&](int64_t lo, int64_t hi) {
-    const ScratchBuffer<T> workspace(ScratchSlot::kWorkerWorkspace, workspace_size);
-    std::fill(workspace.data(), workspace.data() + workspace_size, T(0));
-    for (int64_t job_index = lo; job_index < hi; ++job_index) {
-      const int64_t blk = job_index % blocks, ng = job_index / blocks;
-      const int64_t p_begin = blk * units / blocks * unit;
-      const int64_t p_end = std::min(pixels, (blk + 1) * units / blocks * unit);
-      if (p_begin < p_end) fn(ng / groups, ng % groups, p_begin, p_end, workspace.data());
-    }
-  });
+  for_each_job(
+      per_image * blocks,
+      [&] {
+        ScratchBuffer<T> workspace(ScratchSlot::kWorkerWorkspace, workspace_size);
+        std::fill(workspace.data(), workspace.data() + workspace_size, T(0));
+        return workspace;
+      },
+      [&](int64_t job_index, const ScratchBuffer<T>& workspace) {
+        const int64_t blk = job_index % blocks, ng = job_index / blocks;
+        const int64_t p_begin = blk * units / blocks * unit;
+        const int64_t p_end = std::min(pixels, (blk + 1) * units / blocks * unit);
+        if (p_begin < p_end) fn(ng / groups, ng % groups, p_begin, p_end, workspace.data());
+      });
 }
 
 // A zero-padded copy of a [n, c, h, w] array (element strides `st`) as [n, c, h + top + bottom,
@@ -325,13 +332,11 @@ void activation_grad(const ConvKernels<T>& k, const Conv2dParams& p, const at::T
                      const at::Tensor& saved, int64_t row_len, T* g, T* db) {
   const int64_t planes = p.n * p.k;
   std::vector<double> plane_sums(db != nullptr ? planes : 0, 0.0);
-  at::parallel_for(0, planes, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t n = i / p.k, c = i % p.k;
-      double* sum = db != nullptr ? &plane_sums[i] : nullptr;
-      k.grad_block(grad_source<T>(p, grad_out, saved, n, c, sum), 0, 0, p.oh * p.ow, row_len, 1,
-                   g + i * row_len, row_len);
-    }
+  for_each_job(planes, [&](int64_t i) {
+    const int64_t n = i / p.k, c = i % p.k;
+    double* sum = db != nullptr ? &plane_sums[i] : nullptr;
+    k.grad_block(grad_source<T>(p, grad_out, saved, n, c, sum), 0, 0, p.oh * p.ow, row_len, 1,
+                 g + i * row_len, row_len);
   });
   if (db == nullptr) return;
   for (int64_t c = 0; c < p.k; ++c) {
@@ -377,43 +382,49 @@ void input_grad_columns(const ConvKernels<T>& k, const Conv2dParams& p, const T*
   const int64_t wp = p.pad_left + p.w + p.pad_right +
                      (p.stride_w == 1 ? ceil_div(p.ow, k.lanes) * k.lanes - p.ow : 0);
   T* dx = grad_input.data_ptr<T>();
-  at::parallel_for(0, p.n * p.groups, 1, [&](int64_t lo, int64_t hi) {
-    const ScratchBuffer<T> cols_buffer(ScratchSlot::kWorkerColumns, rows * ld);
-    const ScratchBuffer<T> image_buffer(ScratchSlot::kWorkerImage, cg * hp * wp);
-    T* cols = cols_buffer.data();
-    T* padded = image_buffer.data();
-    std::fill(cols, cols + rows * ld, T(0));
-    for (int64_t job_index = lo; job_index < hi; ++job_index) {
-      const int64_t n = job_index / p.groups, grp = job_index % p.groups;
-      std::fill(padded, padded + cg * hp * wp, T(0));
-      const T* rows_of_g = g + (n * p.k + grp * kg) * row_len;
-      for (int64_t y0 = 0; y0 < p.oh; y0 += block_rows) {
-        const int64_t y1 = std::min(p.oh, y0 + block_rows);
-        // G's rows as one image row of `block` pixels starting at pixel y0 * ow.
-        const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
-                                   rows,
-                                   kg,
-                                   rows_of_g + y0 * p.ow,
-                                   offsets.data(),
-                                   0,
-                                   1,
-                                   block,
-                                   0,
-                                   (y1 - y0) * p.ow,
-                                   {cols, nullptr, ld, nullptr, Activation::kIdentity, T(0)}};
-        (channels ? k.channel_gemm : k.direct_gemm)(job);
-        k.col2im({cols, ld, y0, y1, p.ow, cg, p.r, p.s, p.stride_h, p.stride_w, p.dil_h, p.dil_w,
-                  padded, hp * wp, wp});
-      }
-      T* image = dx + (n * p.c + grp * cg) * pixels;
-      for (int64_t c = 0; c < cg; ++c) {
-        for (int64_t y = 0; y < p.h; ++y) {
-          const T* src = padded + (c * hp + p.pad_top + y) * wp + p.pad_left;
-          std::copy(src, src + p.w, image + (c * p.h + y) * p.w);
+  struct Workspace {
+    ScratchBuffer<T> cols, image;
+  };
+  for_each_job(
+      p.n * p.groups,
+      [&] {
+        Workspace ws{ScratchBuffer<T>(ScratchSlot::kWorkerColumns, rows * ld),
+                     ScratchBuffer<T>(ScratchSlot::kWorkerImage, cg * hp * wp)};
+        std::fill(ws.cols.data(), ws.cols.data() + rows * ld, T(0));
+        return ws;
+      },
+      [&](int64_t job_index, const Workspace& ws) {
+        T* cols = ws.cols.data();
+        T* padded = ws.image.data();
+        const int64_t n = job_index / p.groups, grp = job_index % p.groups;
+        std::fill(padded, padded + cg * hp * wp, T(0));
+        const T* rows_of_g = g + (n * p.k + grp * kg) * row_len;
+        for (int64_t y0 = 0; y0 < p.oh; y0 += block_rows) {
+          const int64_t y1 = std::min(p.oh, y0 + block_rows);
+          // G's rows as one image row of `block` pixels starting at pixel y0 * ow.
+          const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
+                                     rows,
+                                     kg,
+                                     rows_of_g + y0 * p.ow,
+                                     offsets.data(),
+                                     0,
+                                     1,
+                                     block,
+                                     0,
+                                     (y1 - y0) * p.ow,
+                                     {cols, nullptr, ld, nullptr, Activation::kIdentity, T(0)}};
+          (channels ? k.channel_gemm : k.direct_gemm)(job);
+          k.col2im({cols, ld, y0, y1, p.ow, cg, p.r, p.s, p.stride_h, p.stride_w, p.dil_h, p.dil_w,
+                    padded, hp * wp, wp});
         }
-      }
-    }
-  });
+        T* image = dx + (n * p.c + grp * cg) * pixels;
+        for (int64_t c = 0; c < cg; ++c) {
+          for (int64_t y = 0; y < p.h; ++y) {
+            const T* src = padded + (c * hp + p.pad_top + y) * wp + p.pad_left;
+            std::copy(src, src + p.w, image + (c * p.h + y) * p.w);
+          }
+        }
+      });
 }
 
 // grad_input = the transposed convolution of G with the weights.
@@ -553,38 +564,44 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   const T* x = input.data_ptr<T>();
   // Bias-gradient sums of each split (with db).
   std::vector<double> bias_sums(db != nullptr ? splits * p.k : 0, 0.0);
-  at::parallel_for(0, splits * p.groups * bands, 1, [&](int64_t lo, int64_t hi) {
-    const ScratchBuffer<T> workspace(ScratchSlot::kWorkerWorkspace, k.workspace);
-    std::fill(workspace.data(), workspace.data() + k.workspace, T(0));
-    const ScratchBuffer<T> g_block(ScratchSlot::kWorkerGradBlock,
-                                   computed ? kg * k.weight_grad_block : 0);
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t b = item % bands, grp = (item / bands) % p.groups;
-      const int64_t split = item / (bands * p.groups);
-      const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
-      WeightGradJob<T> job{};
-      if (computed) {
-        job.source =
-            grad_source<T>(p, grad_output, saved, n0, grp * kg,
-                           bias_sums.empty() ? nullptr : bias_sums.data() + split * p.k + grp * kg);
-        job.g_block = g_block.data();
-      } else {
-        job.g = g + (n0 * p.k + grp * kg) * row_len;
-      }
-      job.g_ld = row_len;
-      job.g_image_stride = p.k * row_len;
-      job.pixels = p.oh * p.ow;
-      job.m = kg;
-      job.x = input_gather(p, input, x, n0, grp);
-      job.x_image_stride = input.stride(0);
-      job.num_images = n1 - n0;
-      job.d_begin = b * band;
-      job.d_end = std::min(depth, (b + 1) * band);
-      job.dw = dw + (split * p.k + grp * kg) * depth;
-      job.dw_ld = depth;
-      k.weight_grad(job, workspace.data());
-    }
-  });
+  struct Workspace {
+    ScratchBuffer<T> gemm, g_block;
+  };
+  for_each_job(
+      splits * p.groups * bands,
+      [&] {
+        Workspace ws{ScratchBuffer<T>(ScratchSlot::kWorkerWorkspace, k.workspace),
+                     ScratchBuffer<T>(ScratchSlot::kWorkerGradBlock,
+                                      computed ? kg * k.weight_grad_block : 0)};
+        std::fill(ws.gemm.data(), ws.gemm.data() + k.workspace, T(0));
+        return ws;
+      },
+      [&](int64_t item, const Workspace& ws) {
+        const int64_t b = item % bands, grp = (item / bands) % p.groups;
+        const int64_t split = item / (bands * p.groups);
+        const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
+        WeightGradJob<T> job{};
+        if (computed) {
+          job.source = grad_source<T>(
+              p, grad_output, saved, n0, grp * kg,
+              bias_sums.empty() ? nullptr : bias_sums.data() + split * p.k + grp * kg);
+          job.g_block = ws.g_block.data();
+        } else {
+          job.g = g + (n0 * p.k + grp * kg) * row_len;
+        }
+        job.g_ld = row_len;
+        job.g_image_stride = p.k * row_len;
+        job.pixels = p.oh * p.ow;
+        job.m = kg;
+        job.x = input_gather(p, input, x, n0, grp);
+        job.x_image_stride = input.stride(0);
+        job.num_images = n1 - n0;
+        job.d_begin = b * band;
+        job.d_end = std::min(depth, (b + 1) * band);
+        job.dw = dw + (split * p.k + grp * kg) * depth;
+        job.dw_ld = depth;
+        k.weight_grad(job, ws.gemm.data());
+      });
   for (int64_t c = 0; db != nullptr && c < p.k; ++c) {
     double sum = 0;
     for (int64_t split = 0; split < splits; ++split) sum += bias_sums[split * p.k + c];

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -29,6 +28,7 @@
 #include "cpu/dtype_index.h"
 #include "cpu/multitask_loss_kernels.h"
 #include "cpu/output_cache.h"
+#include "cpu/parallel.h"
 
 namespace mtlcore::cpu {
 
@@ -201,11 +201,8 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
     // time from a shared counter, costliest first, rather than in fixed halves. Each item
     // writes its own partial: the results do not depend on which thread ran it.
     const std::vector<int64_t> order = execution_order(items, views);
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) {
-        run(order[static_cast<size_t>(k)], order[static_cast<size_t>(k)] + 1);
-      }
+    for_each_job(n, [&](int64_t k) {
+      run(order[static_cast<size_t>(k)], order[static_cast<size_t>(k)] + 1);
     });
   }
 
