@@ -211,8 +211,8 @@ def test_weight_gradient_without_the_input_gradient(device, activation):
     ]:
         x = torch.randn(n, c, h, w, generator=gen).to(device)
         weight = torch.randn(k, c // conv.get("groups", 1), 3, 3, generator=gen).to(device)
-        bias = torch.randn(k, generator=gen).to(device)
-        weight.requires_grad_(), bias.requires_grad_()
+        weight.requires_grad_()
+        bias = torch.randn(k, generator=gen).to(device).requires_grad_()
         out = ops.conv2d_act(x, weight, bias, **conv, activation=activation, negative_slope=SLOPE)
         ref = reference.conv2d_act(
             x, weight, bias, **conv, activation=activation, negative_slope=SLOPE
