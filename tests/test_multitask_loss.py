@@ -300,7 +300,7 @@ def test_half_precision_logits(device, dtype):
 
 def test_half_precision_mse_gradient_of_large_differences(device):
     """An fp16 mse gradient is finite whenever x - y and the result are: 2 (x - y) = 80000 is
-    beyond fp16, but 2 (x - y) / 8 = 10000 is not (the CUDA kernel keeps x - y, and the factor 2
+    beyond fp16, but 2 (x - y) / 8 = 10000 is not (the kernels keep x - y, and the factor 2
     with the 1 / count, for the backward)."""
     x = torch.full((2, 4), 20000.0, dtype=torch.float16, device=device, requires_grad=True)
     y = torch.full((2, 4), -20000.0, dtype=torch.float16, device=device)

@@ -226,8 +226,8 @@ ForwardResult forward(const char* op, at::TensorList logits, at::TensorList targ
       // grads[i] / grad_scale[i] = d L_i / d logits[i]: count * f_i, which is w_i itself when
       // no label is missing and f_i = w_i / n_i, so that backward's coefficient is exactly 1.
       const double f = views[i].grad_factor;
-      const bool weighted = f != 1.0 && p.dtype != at::kHalf;  // f_i = w_i / n_i
-      grad_scale[i] = weighted && count[i] == positions(views[i]) ? weight(i) : n * f;
+      const auto all = static_cast<double>(positions(views[i]));
+      grad_scale[i] = count[i] == positions(views[i]) && f == weight(i) / all ? weight(i) : n * f;
     }
   }
   const std::vector<double> rel = to_doubles(p.relation);

@@ -41,10 +41,10 @@
 // 2 (x - y) would overflow half precision from |x - y| > 32752 on; the CPU forward pre-scales
 // its own) are computed in double and rounded to the loss dtype; total is computed in double
 // from the unrounded L. Backward: coef_i is computed in double, rounded to the gradient's
-// op-math type and multiplied by the gradient, which is rounded once. A ce label outside [0, C)
-// (and not ignore_index) trips a device-side assertion (CUDA_KERNEL_ASSERT, as torch's nll_loss
-// does) at the end of the block that read it; the position is skipped (gradient 0), never read out
-// of bounds.
+// op-math type and multiplied by the gradient, which is rounded once.
+// A ce label outside [0, C) (and not ignore_index) trips a device-side assertion
+// (CUDA_KERNEL_ASSERT, as torch's nll_loss does) at the end of the block that read it; the
+// position is skipped (gradient 0), never read out of bounds.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
