@@ -29,6 +29,28 @@ def dtypes_for(device: str) -> list[torch.dtype]:
     return [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
+class CompiledOnce:
+    """``fn`` under ``torch.compile(fullgraph=True, dynamic=True)`` (backend aot_eager) that
+    fails a call which traces again: the first call may trace twice (dynamo restarts once to
+    specialise float hyperparameters), a later call with new sizes must reuse that graph (a
+    fake kernel that specialised a size would make it trace again)."""
+
+    def __init__(self, fn):
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        torch._dynamo.reset()
+        self.counter = CompileCounterWithBackend("aot_eager")
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=self.counter)
+        self.traces = 0
+
+    def __call__(self, *args):
+        out = self.compiled(*args)
+        if self.traces == 0:
+            self.traces = self.counter.frame_count
+        assert self.counter.frame_count == self.traces, "traced again for new sizes"
+        return out
+
+
 # Hypothesis profiles for tests/test_fuzz.py: "ci" (the default) replays a fixed seed with a
 # bounded number of examples so `make test` stays quick and reproducible; "long" (`make fuzz`)
 # draws fresh random cases, many more of them.

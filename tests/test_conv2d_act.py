@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA
+from conftest import CUDA, CompiledOnce
 from torch import nn
 
 from mtlcore import nn as mnn
@@ -488,6 +488,33 @@ def test_compile_fullgraph(device, backend):
         strict=True,
     ):
         assert_close(a, b)
+
+
+def test_compile_dynamic_shapes_without_recompiling(device):
+    """A model compiled with dynamic shapes (a last, smaller batch; other image sizes) traces
+    the fake kernel once: it keeps every size symbolic (no specialisation, so no
+    recompilation), and the compiled values and gradients match eager at each size."""
+
+    def block(x, w1, b1, w2):
+        y = ops.conv2d_act(x, w1, b1, padding="same", dilation=2, activation="silu")
+        return ops.conv2d_act(y, w2, None, stride=2, padding=1, activation="relu").square().sum()
+
+    gen = torch.Generator().manual_seed(12)
+    w1 = torch.randn(5, 3, 3, 3, generator=gen).to(device).requires_grad_()
+    b1 = torch.randn(5, generator=gen).to(device).requires_grad_()
+    w2 = torch.randn(4, 5, 3, 3, generator=gen).to(device).requires_grad_()
+    compiled = CompiledOnce(block)
+    # Sizes that match no other dimension (duck sizing would tie equal sizes together).
+    for n, h, w in [(6, 17, 23), (7, 19, 22), (9, 26, 18)]:
+        x = torch.randn(n, 3, h, w, generator=gen).to(device).requires_grad_()
+        got, want = compiled(x, w1, b1, w2), block(x, w1, b1, w2)
+        assert_close(got, want)
+        for a, b in zip(
+            torch.autograd.grad(got, (x, w1, b1, w2)),
+            torch.autograd.grad(want, (x, w1, b1, w2)),
+            strict=True,
+        ):
+            assert_close(a, b)
 
 
 def test_autocast(device):

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA
+from conftest import CUDA, CompiledOnce
 from torch import nn
 
 from mtlcore import nn as mnn
@@ -251,6 +251,24 @@ def test_compile_fullgraph(device, backend):
     got, want = compiled(x, w), block(x, w)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(want, w)[0])
+
+
+def test_compile_dynamic_shapes_without_recompiling(device):
+    """Compiled with dynamic shapes, the fake kernel's output size (ceil_mode included) stays
+    symbolic: one trace serves every batch and image size."""
+
+    def block(x):
+        return (
+            ops.max_pool2d(x, 3, 2, 1, ceil_mode=True).square().sum() + ops.max_pool2d(x, 2).sum()
+        )
+
+    gen = torch.Generator().manual_seed(13)
+    compiled = CompiledOnce(block)
+    for n, h, w in [(6, 17, 23), (7, 20, 22), (9, 26, 19)]:
+        x = torch.randn(n, 4, h, w, generator=gen).to(device).requires_grad_()
+        got, want = compiled(x), block(x)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
 
 
 def test_autocast_keeps_the_input_dtype(device):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, assert_device_side_assertion
+from conftest import CUDA, CompiledOnce, assert_device_side_assertion
 
 from mtlcore import ops, reference
 from mtlcore.nn import MultiTaskLoss
@@ -591,6 +591,49 @@ def test_compile_fullgraph(device, backend):
     actual = torch.autograd.grad(compiled(p.logits, p.targets, p.weights, p.relation), p.leaves)
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_compile_dynamic_shapes_without_recompiling(device):
+    """Compiled with dynamic shapes (batch and dense sizes vary, as with a last partial batch),
+    the fake kernel keeps every size symbolic: one trace, and the values and the gradients for
+    the logits, weights and relation match eager at each size."""
+
+    def f(logits, targets, weights, relation):
+        total, per_task = ops.multitask_loss(
+            logits, targets, ["ce", "ce", "bce", "l1"], weights, relation, label_smoothing=0.1
+        )
+        return total + per_task.square().sum()
+
+    g = torch.Generator().manual_seed(14)
+    weights = torch.rand(4, generator=g).to(device).requires_grad_()
+    relation = torch.randn(4, 4, generator=g).to(device).requires_grad_()
+    compiled = CompiledOnce(f)
+    # Sizes that match no other dimension (duck sizing would tie equal sizes together).
+    for b, h, w in [(6, 17, 23), (7, 19, 22), (9, 26, 18)]:
+        logits = [
+            torch.randn(b, 11, generator=g),
+            torch.randn(b, 3, h, w, generator=g),
+            torch.randn(b, 2, generator=g),
+            torch.randn(b, 5, h, generator=g),
+        ]
+        targets = [
+            torch.randint(11, (b,), generator=g),
+            torch.randint(3, (b, h, w), generator=g),
+            torch.rand(b, 2, generator=g),
+            torch.randn(b, 5, h, generator=g),
+        ]
+        targets[1][0, 0] = -100
+        targets[3][1, 2] = float("nan")
+        logits = [x.to(device).requires_grad_() for x in logits]
+        targets = [y.to(device) for y in targets]
+        leaves = [*logits, weights, relation]
+        got = compiled(logits, targets, weights, relation)
+        want = f(logits, targets, weights, relation)
+        torch.testing.assert_close(got, want)
+        for a, e in zip(
+            torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True
+        ):
+            torch.testing.assert_close(a, e)
 
 
 def test_autocast(device):
