@@ -1,6 +1,7 @@
 """Trains the test model of test_distributed.py, under torchrun or alone; rank 0 saves the
 parameters (every rank saves OUT_FILE.rank<r> too when a weighting is given).
-Usage: python ddp_worker.py OUT_FILE BATCH_PER_RANK [OUT_DIR|-] [WEIGHTING]"""
+Usage: python ddp_worker.py OUT_FILE BATCH_PER_RANK [OUT_DIR|-] [WEIGHTING]
+(DDP_WORKER_COMPILE=1: the Trainer trains through torch.compile, backend aot_eager)"""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def main(out: str, batch: int, out_dir: str | None, weighting: str | None = None
         seed=5,
         out_dir=out_dir,
         progress=False,
+        compile={"backend": "aot_eager"} if os.environ.get("DDP_WORKER_COMPILE") else False,
     )
     trainer.fit(Shapes(96, image_size=16, seed=1), epochs=2)
     if trainer.is_main:

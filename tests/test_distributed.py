@@ -21,14 +21,17 @@ def torchrun() -> list[str]:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_gloo_processes_match_one_process_on_the_full_batch(tmp_path, compiled):
+    """Compiled: the 2 ranks train through torch.compile of the DDP module (graph split at
+    DDP's buckets); the 1-process run they must match is eager."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
     out_dir = tmp_path / "run"
     launch = [*torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER)]
     proc = subprocess.run(
         [*launch, str(two), "16", str(out_dir)],
-        env=env,
+        env={**env, "DDP_WORKER_COMPILE": "1"} if compiled else env,
         capture_output=True,
         text=True,
         timeout=600,

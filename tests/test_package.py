@@ -166,3 +166,21 @@ def test_cli_train_with_a_weighting(autocast):
     )
     assert proc.returncode == 0, proc.stderr
     assert "mask" in proc.stdout
+
+
+def test_cli_train_compiled_writes_a_plain_checkpoint(tmp_path):
+    """`train --compile` trains through torch.compile (inductor, mtlcore's ops in the graph);
+    its checkpoint holds the plain model, which `evaluate` rebuilds to the same metrics."""
+    out = tmp_path / "run"
+    train = [sys.executable, "-m", "mtlcore", "train", "--data", "shapes", "--samples", "48"]
+    proc = subprocess.run(
+        [*train, "--epochs", "1", "--compile", "--no-progress", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluate = [sys.executable, "-m", "mtlcore", "evaluate", "--checkpoint"]
+    proc2 = subprocess.run([*evaluate, str(out / "checkpoint.pt")], capture_output=True, text=True)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    metrics = [line for line in proc.stdout.splitlines() if "accuracy" in line]
+    assert metrics and all(line in proc2.stdout for line in metrics)

@@ -74,6 +74,45 @@ def test_resume_reaches_the_same_parameters(tmp_path):
     assert resumed.history == straight.history
 
 
+def test_compiled_training_matches_eager_and_checkpoints_stay_plain(tmp_path):
+    """Trainer(compile=...) trains through torch.compile (the fused ops traced into the graph,
+    a last partial batch included) to the losses and parameters of eager training; a model
+    the caller compiled trains the same way, and its checkpoint holds the plain module's
+    keys, so it loads into an uncompiled model."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    train = Shapes(100, image_size=16, seed=1)  # batches of 32, 32, 32 and 4
+    eager = make_trainer(seed=4)
+    eager.fit(train, epochs=2)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = make_trainer(seed=4, compile={"backend": counter})
+    compiled.fit(train, epochs=2)
+    assert counter.frame_count >= 1  # it did train through a compiled graph
+
+    torch.manual_seed(4)
+    model = MultiTaskModel(SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in TASKS})
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    wrapped = torch.compile(model, backend="aot_eager")
+    by_caller = Trainer(wrapped, TASKS, opt, batch_size=32, seed=4, out_dir=tmp_path)
+    by_caller.fit(train, epochs=2)
+    assert by_caller.model is model
+
+    for trainer in (compiled, by_caller):
+        for got, want in zip(trainer.history, eager.history, strict=True):
+            assert got.keys() == want.keys()
+            for key in got:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+        for (name, got), (name_e, want) in zip(
+            trainer.model.state_dict().items(), eager.model.state_dict().items(), strict=True
+        ):
+            assert name == name_e
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not any(key.startswith("_orig_mod") for key in state["model"])
+    plain = MultiTaskModel(SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in TASKS})
+    plain.load_state_dict(state["model"])
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
     save_checkpoint({"step": 1}, path)

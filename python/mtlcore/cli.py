@@ -81,6 +81,7 @@ def _train(args: argparse.Namespace) -> int:
             weighting=args.weighting,
             weighting_on=args.weighting_on,
             autocast=args.autocast,
+            compile=args.compile,
             epochs=args.epochs,
             batch_size=args.batch_size,
             samples=args.samples,
@@ -178,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run forward and loss under torch.autocast in this dtype (bfloat16 on the CPU; "
         "float16 adds a GradScaler)",
+    )
+    train.add_argument(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile (mtlcore's ops trace into the graph)",
     )
     train.add_argument(
         "--compare-plain",

@@ -139,6 +139,7 @@ def _fit(
         device=args["device"],
         weighting_on=args["weighting_on"],
         autocast=args["autocast"],
+        compile=args.get("compile", False),
         out_dir=out_dir,
         progress=args["progress"],
     )
@@ -239,6 +240,7 @@ def train_job(
     weighting: str | None = None,
     weighting_on: str = "representation",
     autocast: str | None = None,
+    compile: bool = False,
     progress: bool | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
@@ -246,7 +248,8 @@ def train_job(
     """Trains and evaluates; returns ``{task: {metric: value}}`` on the test split (plus
     ``multitask_gain`` with ``baselines``). With ``resume`` and ``out_dir``, the multi-task
     model continues from ``out_dir/checkpoint.pt`` when it exists (a run that was stopped or
-    killed ends with the parameters an uninterrupted one reaches)."""
+    killed ends with the parameters an uninterrupted one reaches). ``compile`` trains
+    through ``torch.compile`` (see :class:`Trainer`)."""
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     with _distributed(device, log) as (device, log):
@@ -259,6 +262,7 @@ def train_job(
             "weighting": weighting,
             "weighting_on": weighting_on,
             "autocast": autocast,
+            "compile": compile,
             "epochs": epochs,
             "batch_size": batch_size,
             "optimizer": optimizer,

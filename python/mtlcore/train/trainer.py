@@ -82,6 +82,13 @@ class Trainer:
             ``weighting_on="parameters"`` on the full gradients of the shared parameters (one
             trunk backward per task). Under torch.distributed each rank combines its own
             batch's task gradients and the results are averaged over the ranks.
+        compile: train through ``torch.compile`` of the model (True, or a dict of
+            ``torch.compile`` arguments, e.g. ``{"backend": "aot_eager"}``); mtlcore's ops
+            trace into the graph (fake kernels), and a last, smaller batch does not recompile
+            after the second shape (dynamic sizes). A model compiled by the caller works too.
+            Either way checkpoints, :meth:`evaluate` and :meth:`predict` use the plain module,
+            so a checkpoint loads into an uncompiled model. Gradient-based weighting runs its
+            own steps on the plain module.
 
     Distributed data parallel: when ``torch.distributed`` is initialised (e.g. under
     ``torchrun``; gloo on CPU, NCCL on GPU), each rank trains on its share of every batch
@@ -108,9 +115,14 @@ class Trainer:
         affinity_every: int = 0,
         affinity_lr: float = 0.01,
         weighting_on: str = "representation",
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        # A model the caller compiled trains as compiled; everything else (checkpoints,
+        # evaluation, the heads and trunk of gradient-based weighting) uses the module inside,
+        # so checkpoints load into the plain model.
+        compiled_model = model if isinstance(getattr(model, "_orig_mod", None), nn.Module) else None
+        self.model = getattr(model, "_orig_mod", model).to(self.device)
         self.tasks = list(tasks)
         self.loss = (
             loss if loss is not None else MultiTaskLoss(self.tasks, [t.weight for t in self.tasks])
@@ -134,11 +146,17 @@ class Trainer:
         # averaged over the ranks); checkpoints hold the unwrapped model.
         # Gradient-based weighting sets the gradients itself, so under torch.distributed it
         # averages them over the ranks by hand instead of through DDP's hooks.
-        self._train_model: nn.Module = self.model
+        self._train_model: nn.Module = self.model if compiled_model is None else compiled_model
         self._manual_sync = self.distributed and bool(getattr(weighting, "gradient_based", False))
         if self.distributed and not self._manual_sync:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # A model compiled by the caller: the DDP module is compiled instead (torch.compile
+            # of DDP splits the graph at DDP's buckets), with default options unless given.
+            compile = compile or compiled_model is not None
+        if compile:
+            options = compile if isinstance(compile, dict) else {}
+            self._train_model = torch.compile(self._train_model, **options)
         if weighting_on not in ("representation", "parameters"):
             raise ValueError(
                 f"weighting_on must be 'representation' or 'parameters', got {weighting_on!r}"
