@@ -111,6 +111,8 @@ def test_compiled_training_matches_eager_and_checkpoints_stay_plain(tmp_path):
     assert not any(key.startswith("_orig_mod") for key in state["model"])
     plain = MultiTaskModel(SmallCNN(3, 16), {t.name: LinearHead(128, t.num_outputs) for t in TASKS})
     plain.load_state_dict(state["model"])
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
+        make_trainer(compile="inductor")
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -146,6 +146,11 @@ class Trainer:
         # averaged over the ranks); checkpoints hold the unwrapped model.
         # Gradient-based weighting sets the gradients itself, so under torch.distributed it
         # averages them over the ranks by hand instead of through DDP's hooks.
+        if not isinstance(compile, bool | dict):
+            raise TypeError(
+                f"Trainer: compile must be a bool or a dict of torch.compile arguments, "
+                f"got {type(compile).__name__}"
+            )
         self._train_model: nn.Module = self.model if compiled_model is None else compiled_model
         self._manual_sync = self.distributed and bool(getattr(weighting, "gradient_based", False))
         if self.distributed and not self._manual_sync:
