@@ -64,3 +64,29 @@ def test_single_head_is_the_baseline_and_bad_models_are_refused():
         MultiTaskModel(SmallCNN(3, 16), {})
     with pytest.raises(ValueError, match="need a feature map"):
         MultiTaskModel(torch.nn.Flatten(), {"mask": DenseHead(64, 3, 16)})
+
+
+def test_torch_export_with_a_dynamic_batch(device, tmp_path):
+    """A fused multi-task model (conv2d_act, max_pool2d, a dense head) exports with
+    torch.export and a symbolic batch size: the graph holds our ops, the exported program
+    gives the eager outputs bitwise at other batch sizes, and it survives a save / load."""
+    torch.manual_seed(0)
+    trunk = SmallCNN(3, 16)
+    heads = {"kind": LinearHead(128, 3), "mask": DenseHead(trunk.map_channels, 2, 16)}
+    model = MultiTaskModel(trunk, heads).to(device).eval()
+    batch = torch.export.Dim("batch", min=1, max=512)
+    example = torch.randn(5, 3, 16, 16, device=device)
+    exported = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    code = exported.graph_module.code
+    assert "mtlcore.conv2d_act" in code and "mtlcore.max_pool2d" in code
+    torch.export.save(exported, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2")
+    for n in (1, 7, 33):
+        x = torch.randn(n, 3, 16, 16, device=device)
+        with torch.no_grad():
+            want = model(x)
+            for program in (exported, loaded):
+                got = program.module()(x)
+                assert got.keys() == want.keys()
+                for name in want:
+                    assert torch.equal(got[name], want[name]), (n, name)
