@@ -151,17 +151,19 @@ class Trainer:
                 f"Trainer: compile must be a bool or a dict of torch.compile arguments, "
                 f"got {type(compile).__name__}"
             )
-        self._train_model: nn.Module = self.model if compiled_model is None else compiled_model
+        self._train_model: nn.Module = self.model
         self._manual_sync = self.distributed and bool(getattr(weighting, "gradient_based", False))
         if self.distributed and not self._manual_sync:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-            # A model compiled by the caller: the DDP module is compiled instead (torch.compile
-            # of DDP splits the graph at DDP's buckets), with default options unless given.
-            compile = compile or compiled_model is not None
-        if compile:
+        if compile or (compiled_model is not None and self._train_model is not self.model):
+            # Our own compilation of the plain (or DDP) module: with `compile`, or for a model
+            # the caller compiled that trains under DDP (torch.compile of the DDP module splits
+            # the graph at its buckets; default options).
             options = compile if isinstance(compile, dict) else {}
             self._train_model = torch.compile(self._train_model, **options)
+        elif compiled_model is not None:
+            self._train_model = compiled_model  # the caller's compilation, as it is
         if weighting_on not in ("representation", "parameters"):
             raise ValueError(
                 f"weighting_on must be 'representation' or 'parameters', got {weighting_on!r}"
