@@ -14,7 +14,8 @@
 //     gradient.
 //   ce, [B, C] rows with few classes: blocks of rows are transposed into the same buffer and
 //     run through the same loops; the gradient is computed in the buffer and transposed back.
-//   bce, mse, l1: one loop over the elements of each row.
+//   bce, mse, l1: one loop over the elements of each row (for bce, chunk by chunk, a loop of
+//     exp(-|x|) into an L1 buffer first).
 // Parallel split. None here: csrc/cpu/multitask_loss.cpp cuts tasks into items and spreads
 //   them over the threads.
 // Numerics. Math in float for float, half and bfloat16 logits (double for double); every
@@ -485,8 +486,9 @@ LossPartial ce(const TaskView& v, const LossWork& w, const LossOptions& o) {
 // ---------------------------------------------------------------------------------------------
 // bce, mse, l1: element-wise, NaN target = missing.
 // ---------------------------------------------------------------------------------------------
+// e: exp(-|x|) for bce (computed by the caller, see elementwise_run); ignored otherwise.
 template <LossKind K, typename A>
-MTLCORE_INLINE void element_loss(A x, A y, A* loss, A* grad) {
+MTLCORE_INLINE void element_loss(A x, A y, A e, A* loss, A* grad) {
   if constexpr (K == LossKind::kMse) {
     const A d = x - y;
     *loss = d * d;
@@ -499,7 +501,6 @@ MTLCORE_INLINE void element_loss(A x, A y, A* loss, A* grad) {
     // max(x, 0) - x y + log(1 + exp(-|x|)); d/dx = sigmoid(x) - y. An infinite x gives what
     // F.binary_cross_entropy_with_logits's (1 - y) x + softplus(-x) gives: (1 - y) x for +inf,
     // NaN for -inf.
-    const A e = exp_math(-std::abs(x));
     const A u = A(1) + e;
     const A finite_loss = (x > A(0) ? x : A(0)) - x * y + log1p_math(e);
     const A inf_loss = x > A(0) ? (A(1) - y) * x : std::numeric_limits<A>::quiet_NaN();
@@ -512,17 +513,27 @@ MTLCORE_INLINE void element_loss(A x, A y, A* loss, A* grad) {
 // a few dozen terms each), added to the double total chunk by chunk.
 constexpr int64_t kSumChunk = 256;
 
+// bce runs exp and then log1p on each element: in one loop, each vector's work would be one
+// long chain of dependent operations, longer than the out-of-order window can overlap with
+// the next vectors' (measured: 1.35-1.45x slower). So a first loop writes the chunk's
+// exp(-|x|) to a buffer in L1 and the second reads them.
 template <LossKind K, typename T, typename Tt, typename A, bool kGrad>
 void elementwise_run(const T* x, const Tt* y, T* g, A f, int64_t n, LossPartial* out) {
+  alignas(64) A exps[K == LossKind::kBce ? kSumChunk : 1];
   for (int64_t j0 = 0; j0 < n; j0 += kSumChunk) {
     const int64_t j1 = std::min(n, j0 + kSumChunk);
+    if constexpr (K == LossKind::kBce) {
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) exps[j - j0] = exp_math(-std::abs(load<A>(x, j)));
+    }
     A sum = A(0);
     int32_t count = 0;
 #pragma omp simd reduction(+ : sum, count)
     for (int64_t j = j0; j < j1; ++j) {
       const A yv = load<A>(y, j);
       A loss, gv;
-      element_loss<K>(load<A>(x, j), yv, &loss, &gv);
+      const A e = K == LossKind::kBce ? exps[j - j0] : A(0);
+      element_loss<K>(load<A>(x, j), yv, e, &loss, &gv);
       const bool valid = yv == yv;
       sum += valid ? loss : A(0);
       count += valid ? 1 : 0;
