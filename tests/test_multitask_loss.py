@@ -265,6 +265,26 @@ def test_infinite_logits_like_torch(device, shape, smoothing):
     torch.testing.assert_close(grad.cpu().double(), grad_ref, rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
+@pytest.mark.parametrize("classes", [2, 8, 16, 31, 32, 33])
+def test_ce_rows_over_several_blocks(device, classes):
+    """[B, C] rows with a batch of several of the CPU's class-major blocks (2048 rows for up to
+    8 classes, 1024 for 16, 512 for 32; above 32 classes rows run one at a time), ignored labels
+    and label smoothing: loss and gradient as F.cross_entropy's, read from a row-strided view."""
+    g = torch.Generator().manual_seed(classes)
+    batch = 4103
+    x = torch.randn(batch, classes + 3, generator=g)[:, 1 : classes + 1].to(device)
+    y = torch.randint(classes, (batch,), generator=g)
+    y[torch.rand(batch, generator=g) < 0.1] = -100
+    x.requires_grad_()
+    total, _ = ops.multitask_loss([x], [y.to(device)], ["ce"], label_smoothing=0.1)
+    (grad,) = torch.autograd.grad(total, [x])
+    x_ref = x.detach().cpu().double().requires_grad_()
+    ref = F.cross_entropy(x_ref, y, label_smoothing=0.1)
+    (grad_ref,) = torch.autograd.grad(ref, [x_ref])
+    torch.testing.assert_close(total.cpu().double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.cpu().double(), grad_ref, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("classes", [3, 17, 2000])
 def test_dense_logits_with_an_empty_spatial_dim(device, classes):
     """Dense logits [B, C, 0] hold no position: loss 0 and an empty gradient, for every class

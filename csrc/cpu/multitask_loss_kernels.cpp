@@ -250,7 +250,7 @@ LossPartial ce_rows(const TaskView& v, const LossWork& w, const LossOptions& o) 
 
 // ---------------------------------------------------------------------------------------------
 // ce on a block of n <= kPixels positions, class-major in a buffer: class c of position p at
-// e[c * n + p] (n: CeBlock::n). The block's logits are copied in once (the copy also finds each
+// e[c * ld + p] (CeBlock::n, ld). The block's logits are copied in once (the copy also finds each
 // position's max), so the strided logits are read from memory once, and every later loop runs
 // in the buffer over the positions (unit stride: it vectorises) with the classes outside.
 // tt[p] is the position's label, -1 when ignored (it matches no class).
@@ -260,15 +260,20 @@ struct CeBlock {
   alignas(64) A m[kPixels], s[kPixels], d_t[kPixels];
   alignas(64) double sum_d[kPixels];  // see ce_loss
   alignas(64) int32_t tt[kPixels];    // labels fit: the argument check bounds C below 2^31
-  int64_t n = 0;                      // positions per block (a multiple of 16), the row length of e
-  std::vector<A> e;                   // C x n: the logits, then exp(x - max)
+  int64_t n = 0;                      // positions per block (a multiple of 16)
+  // Row stride of e: n + 16. With rows a power of two of bytes apart (n is 2048 for up to 8
+  // classes, 1024 for 16, 512 for 32), the transposing loops' accesses to one position's
+  // classes all fell into one L1 set ([2048, 16] rows took 2.1x as long, [2048, 32] 1.3x).
+  int64_t ld = 0;
+  std::vector<A> e;  // C x n (rows ld apart): the logits, then exp(x - max)
 };
 
 template <typename A>
 CeBlock<A>& ce_block_buffers(int64_t classes) {
   thread_local CeBlock<A> blk;
   blk.n = std::clamp<int64_t>(kBlockElements / classes / 16 * 16, 16, kPixels);
-  blk.e.resize(static_cast<size_t>(classes * blk.n));
+  blk.ld = blk.n + 16;
+  blk.e.resize(static_cast<size_t>(classes * blk.ld));
   return blk;
 }
 
@@ -308,7 +313,7 @@ void ce_fill_planes(const T* x, int64_t stride, int64_t n, int64_t classes, CeBl
   for (int64_t p = 0; p < n; ++p) m[p] = e[p] = load<A>(x, p);
   for (int64_t c = 1; c < classes; ++c) {
     const T* xc = x + c * stride;
-    A* ec = e + c * blk.n;
+    A* ec = e + c * blk.ld;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
       const A xv = load<A>(xc, p);
@@ -324,13 +329,13 @@ void ce_fill_rows(const T* x, int64_t stride, int64_t n, int64_t classes, CeBloc
   A* e = blk.e.data();
   for (int64_t p = 0; p < n; ++p) {
     const T* row = x + p * stride;
-    for (int64_t c = 0; c < classes; ++c) e[c * blk.n + p] = load<A>(row, c);
+    for (int64_t c = 0; c < classes; ++c) e[c * blk.ld + p] = load<A>(row, c);
   }
   A* m = blk.m;
 #pragma omp simd
   for (int64_t p = 0; p < n; ++p) m[p] = e[p];
   for (int64_t c = 1; c < classes; ++c) {
-    const A* ec = e + c * blk.n;
+    const A* ec = e + c * blk.ld;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) m[p] = ec[p] > m[p] ? ec[p] : m[p];
   }
@@ -349,7 +354,7 @@ void ce_block_exps(int64_t n, int64_t classes, CeBlock<A>& blk) {
     sum_d[p] = 0.0;
   }
   for (int64_t c = 0; c < classes; ++c) {
-    A* ec = blk.e.data() + c * blk.n;
+    A* ec = blk.e.data() + c * blk.ld;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
       const A d = ec[p] - m[p];
@@ -372,7 +377,7 @@ void ce_block(int64_t n, int64_t classes, const CeConstants<A>& k, CeBlock<A>& b
   const int32_t* tt = blk.tt;
   // The target's logit, read once per position rather than selected in every class's loop.
   for (int64_t p = 0; p < n; ++p) {
-    d_t[p] = tt[p] >= 0 ? blk.e[static_cast<size_t>(tt[p] * blk.n + p)] - m[p] : A(0);
+    d_t[p] = tt[p] >= 0 ? blk.e[static_cast<size_t>(tt[p] * blk.ld + p)] - m[p] : A(0);
   }
   if (k.smooth == A(0)) {
     ce_block_exps<A, false>(n, classes, blk);
@@ -403,7 +408,7 @@ void ce_block_grad(int64_t n, int64_t classes, const CeConstants<A>& k, A f, CeB
   const A* s = blk.s;
   const int32_t* tt = blk.tt;
   for (int32_t c = 0; c < classes; ++c) {
-    const A* ec = blk.e.data() + c * blk.n;
+    const A* ec = blk.e.data() + c * blk.ld;
     G* gc = g + c * c_stride;
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
@@ -464,11 +469,11 @@ LossPartial ce_rows_transposed(const TaskView& v, const LossWork& w, const LossO
     ce_block(n, classes, k, blk, &out);
     if constexpr (kGrad) {
       // In place, then transposed back.
-      ce_block_grad(n, classes, k, static_cast<A>(v.grad_factor), blk, blk.e.data(), blk.n);
+      ce_block_grad(n, classes, k, static_cast<A>(v.grad_factor), blk, blk.e.data(), blk.ld);
       for (int64_t p = 0; p < n; ++p) {
         T* row = grad + (b0 + p) * classes;
         for (int64_t c = 0; c < classes; ++c) {
-          row[c] = static_cast<T>(blk.e[static_cast<size_t>(c * blk.n + p)]);
+          row[c] = static_cast<T>(blk.e[static_cast<size_t>(c * blk.ld + p)]);
         }
       }
     }
