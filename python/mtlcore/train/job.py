@@ -139,7 +139,7 @@ def _fit(
         device=args["device"],
         weighting_on=args["weighting_on"],
         autocast=args["autocast"],
-        compile=args.get("compile", False),
+        compile=args["compile"],
         out_dir=out_dir,
         progress=args["progress"],
     )

@@ -118,11 +118,17 @@ class Trainer:
         compile: bool | dict[str, Any] = False,
     ) -> None:
         self.device = torch.device(device)
+        if not isinstance(compile, bool | dict):
+            raise TypeError(
+                f"Trainer: compile must be a bool or a dict of torch.compile arguments, "
+                f"got {type(compile).__name__}"
+            )
         # A model the caller compiled trains as compiled; everything else (checkpoints,
         # evaluation, the heads and trunk of gradient-based weighting) uses the module inside,
         # so checkpoints load into the plain model.
-        compiled_model = model if isinstance(getattr(model, "_orig_mod", None), nn.Module) else None
-        self.model = getattr(model, "_orig_mod", model).to(self.device)
+        inner = getattr(model, "_orig_mod", None)
+        compiled_model = model if isinstance(inner, nn.Module) else None
+        self.model = (model if compiled_model is None else inner).to(self.device)
         self.tasks = list(tasks)
         self.loss = (
             loss if loss is not None else MultiTaskLoss(self.tasks, [t.weight for t in self.tasks])
@@ -146,11 +152,6 @@ class Trainer:
         # averaged over the ranks); checkpoints hold the unwrapped model.
         # Gradient-based weighting sets the gradients itself, so under torch.distributed it
         # averages them over the ranks by hand instead of through DDP's hooks.
-        if not isinstance(compile, bool | dict):
-            raise TypeError(
-                f"Trainer: compile must be a bool or a dict of torch.compile arguments, "
-                f"got {type(compile).__name__}"
-            )
         self._train_model: nn.Module = self.model
         self._manual_sync = self.distributed and bool(getattr(weighting, "gradient_based", False))
         if self.distributed and not self._manual_sync:
