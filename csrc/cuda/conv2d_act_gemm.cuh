@@ -466,9 +466,19 @@ void launch_implicit_gemm(const char* op, const Gemm& gemm, int64_t groups, int6
       const dim3 grid(static_cast<unsigned>(col_tiles),
                       static_cast<unsigned>(std::min(kMaxGridYZ, row_tiles - r0)),
                       static_cast<unsigned>(launch_groups * splits));
+      // A host program (tests/host/conv2d_act_host.cpp) defines MTLCORE_HOST_LAUNCH to run
+      // the blocks on the host instead. (clang-format would split the launch's >>> in a
+      // preprocessor branch.)
+      // clang-format off
+#ifdef MTLCORE_HOST_LAUNCH
+      MTLCORE_HOST_LAUNCH(grid, kGemmThreads, (implicit_gemm_kernel<Gemm, Math>), gemm, splits,
+                          depth_chunk, r0, g0);
+#else
       implicit_gemm_kernel<Gemm, Math>
           <<<grid, kGemmThreads, 0, stream>>>(gemm, splits, depth_chunk, r0, g0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+      // clang-format on
     }
   }
 }
