@@ -1,17 +1,23 @@
 """CUDA kernel code run on the host, so that CI (which has nvcc but no GPU) exercises its index
-arithmetic. nvcc compiles each program in tests/host/ as a host program against the real
-headers under csrc/cuda/ (their functions are __host__ __device__) and runs it:
-- mta_host.cu: the multi-tensor apply's packing, chunk lookup and per-thread element walk over
-  every (block, thread) of each launch: every element visited once, nothing else touched;
-- max_pool2d_host.cu: the max_pool2d kernels' per-element forward and backward against a
-  brute-force pooling, bit for bit.
-Each program's header says what it checks. Needs nvcc (and, for the multi-tensor apply, the
-CUDA library headers ATen's CUDA headers include, which torch's CUDA wheel ships); skips
-without them. No GPU is needed."""
+arithmetic. Each program in tests/host/ is built against the real headers under csrc/cuda/ and
+run; its header says what it checks:
+- mta_host.cu (nvcc, host code): the multi-tensor apply's packing, chunk lookup and per-thread
+  element walk over every (block, thread) of each launch: every element visited once, nothing
+  else touched;
+- max_pool2d_host.cu (nvcc, host code): the max_pool2d kernels' per-element forward and
+  backward against a brute-force pooling, bit for bit;
+- conv2d_act_host.cpp (g++ with AddressSanitizer and UBSan, the toolkit's headers): the
+  convolution's tiled implicit GEMM, unmodified, through the block emulator of
+  tests/host/cuda_emu.h, with all five tile maths (wmma included) and the depthwise element
+  functions, against a naive convolution, bit for bit.
+They need nvcc (and its toolkit's headers; the multi-tensor apply also the CUDA library headers
+ATen's CUDA headers include, which torch's CUDA wheel ships); they skip without them. No GPU is
+needed."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,11 +29,13 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = ROOT / "tests" / "host"
 CSRC = ROOT / "csrc"
 
-# program, the header it tests, whether it includes ATen's CUDA headers (cusparse.h, ...),
-# the line it prints last when every check passed.
+# program, the header it tests, how it is built ("nvcc": host code through nvcc, "g++": the
+# emulator), whether it includes ATen's CUDA headers (cusparse.h, ...), the line it prints
+# last when every check passed.
 PROGRAMS = [
-    ("mta_host.cu", "multi_tensor_apply.cuh", True, "mta host: ok"),
-    ("max_pool2d_host.cu", "max_pool2d_elements.cuh", False, "max_pool2d host: ok"),
+    ("mta_host.cu", "multi_tensor_apply.cuh", "nvcc", True, "mta host: ok"),
+    ("max_pool2d_host.cu", "max_pool2d_elements.cuh", "nvcc", False, "max_pool2d host: ok"),
+    ("conv2d_act_host.cpp", "conv2d_act_gemm.cuh", "g++", False, "conv2d_act host: ok"),
 ]
 
 
@@ -43,51 +51,78 @@ def _nvcc() -> str | None:
     return None
 
 
-def _nvidia_includes(nvcc: str) -> list[Path]:
+def _toolkit_includes(nvcc: str) -> list[Path]:
+    """The include folders nvcc itself passes to the host compiler (from ``nvcc --dryrun``)."""
+    dry = subprocess.run(
+        [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    folders: list[Path] = []
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if line.startswith(("#$ INCLUDES=", "#$ SYSTEM_INCLUDES=")):
+            words = shlex.split(line.split("=", 1)[1])
+            folders += [Path(w[2:] if w.startswith("-I") else w) for w in words if w != "-isystem"]
+    return [f.resolve() for f in folders if f.is_dir()]
+
+
+def _cuda_library_includes(nvcc: str) -> list[Path]:
     """Folders that hold the CUDA library headers (cusparse.h, ...): torch's CUDA wheel's
     nvidia/*/include (as CMakeLists.txt adds them), then the toolkit's own."""
     site = Path(torch.__file__).resolve().parent.parent
-    folders = sorted(site.glob("nvidia/*/include"))
-    folders.append(Path(nvcc).resolve().parent.parent / "include")
+    folders = [*sorted(site.glob("nvidia/*/include")), *_toolkit_includes(nvcc)]
     return [f for f in folders if (f / "cusparse.h").is_file()]
 
 
+def _build_command(program: str, compiler: str, nvcc: str, binary: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).resolve().parent
+    lib = torch_dir / "lib"
+    torch_includes = [
+        "-isystem",
+        str(torch_dir / "include"),
+        "-isystem",
+        str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
+    ]
+    if compiler == "nvcc":
+        cmd = [nvcc, "-std=c++20", "-O2", "--expt-relaxed-constexpr", "-I", str(CSRC)]
+        cmd += torch_includes
+        cmd += [f"-Xcompiler=-idirafter,{f}" for f in _cuda_library_includes(nvcc)]
+        return [*cmd, str(HOST / program), "-o", str(binary), f"-L{lib}", "-lc10",
+                f"-Xlinker=-rpath,{lib}"]  # fmt: skip
+    toolkit = [w for f in _toolkit_includes(nvcc) for w in ("-isystem", str(f))]
+    cxx = os.environ.get("CXX", "g++")
+    return [
+        cxx, "-std=c++20", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+        "-pthread", "-I", str(CSRC), "-I", str(HOST), *toolkit, *torch_includes,
+        str(HOST / program), "-o", str(binary), f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("program", "header", "needs_cuda_libraries", "ok_line"), PROGRAMS, ids=[p[0] for p in PROGRAMS]
+    ("program", "header", "compiler", "needs_cuda_libraries", "ok_line"),
+    PROGRAMS,
+    ids=[p[0] for p in PROGRAMS],
 )
-def test_cuda_code_on_the_host(tmp_path, program, header, needs_cuda_libraries, ok_line):
+def test_cuda_code_on_the_host(tmp_path, program, header, compiler, needs_cuda_libraries, ok_line):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
     if not (CSRC / "cuda" / header).is_file():
         pytest.skip("the C++ sources are not next to the tests")
-    includes = _nvidia_includes(nvcc) if needs_cuda_libraries else []
-    if needs_cuda_libraries and not includes:
+    if needs_cuda_libraries and not _cuda_library_includes(nvcc):
         pytest.skip("no cusparse.h: this torch or toolkit lacks the CUDA library headers")
-    torch_dir = Path(torch.__file__).resolve().parent
-    lib = torch_dir / "lib"
+    if compiler == "g++" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no host C++ compiler")
     binary = tmp_path / Path(program).stem
-    cmd = [
-        nvcc,
-        "-std=c++20",
-        "-O2",
-        "--expt-relaxed-constexpr",
-        "-I",
-        str(CSRC),
-        "-isystem",
-        str(torch_dir / "include"),
-        "-isystem",
-        str(torch_dir / "include" / "torch" / "csrc" / "api" / "include"),
-        *(f"-Xcompiler=-idirafter,{folder}" for folder in includes),
-        str(HOST / program),
-        "-o",
-        str(binary),
-        f"-L{lib}",
-        "-lc10",
-        f"-Xlinker=-rpath,{lib}",
-    ]
-    built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, f"nvcc failed:\n{built.stderr[-4000:]}"
-    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
-    assert ran.returncode == 0, f"exit {ran.returncode}:\n{ran.stdout[-4000:]}{ran.stderr[-2000:]}"
+    built = subprocess.run(
+        _build_command(program, compiler, nvcc, binary), capture_output=True, text=True, timeout=900
+    )
+    assert built.returncode == 0, f"the build failed:\n{built.stderr[-4000:]}"
+    # Any sanitizer report ends the run with an error; no leak check (the emulator keeps its
+    # block threads until exit).
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    env.pop("LD_PRELOAD", None)
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=900, env=env)
+    assert ran.returncode == 0, f"exit {ran.returncode}:\n{ran.stdout[-4000:]}{ran.stderr[-4000:]}"
     assert ran.stdout.rstrip().endswith(ok_line), ran.stdout

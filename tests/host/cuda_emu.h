@@ -1,0 +1,221 @@
+// A host emulation of the little of CUDA that mtlcore's implicit-GEMM kernel uses, so that a
+// host compiler can run the unmodified kernel code (csrc/cuda/conv2d_act_gemm.cuh): include
+// this first, then the kernel headers, in a program built with g++ (tests/test_cuda_host.py).
+//
+// A launch (MTLCORE_HOST_LAUNCH, which the header's launcher calls when it is defined) runs
+// the grid's blocks one after another; a block's threads run as std::threads (kept for the
+// next block) with a std::barrier for __syncthreads. __shared__ variables become function-local
+// statics: shared by the threads of the running block, as on a device. nvcuda::wmma is modelled
+// with each thread holding its warp's whole fragment (the layout inside a fragment is opaque to the
+// kernel), products summed in float; load/store abort on a pointer that is not 32-byte aligned
+// or a leading dimension that is not a multiple of 16 bytes, as wmma requires. A launch aborts
+// on a grid beyond CUDA's limits. Not modelled: warp shuffles, atomics, streams.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#undef __shared__
+#define __shared__ static
+#undef __global__
+#define __global__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+
+inline thread_local uint3 threadIdx;
+inline uint3 blockIdx;
+inline dim3 gridDim;
+inline dim3 blockDim;
+
+namespace emu {
+
+inline int64_t blocks_run = 0;
+
+[[noreturn]] inline void die(const char* what) {
+  std::fprintf(stderr, "cuda_emu: %s\n", what);
+  std::abort();
+}
+
+// The threads of one block, kept between blocks and launches: each waits for a block, runs
+// the job and reports back. `sync` is the block's __syncthreads barrier.
+class BlockThreads {
+ public:
+  explicit BlockThreads(int threads) : start_(threads + 1), done_(threads + 1), sync(threads) {
+    for (int t = 0; t < threads; ++t) {
+      workers_.emplace_back([this, t] {
+        threadIdx = make_uint3(static_cast<unsigned>(t), 0, 0);
+        for (;;) {
+          start_.arrive_and_wait();
+          if (stop_) return;
+          (*job_)();
+          done_.arrive_and_wait();
+        }
+      });
+    }
+  }
+  ~BlockThreads() {
+    stop_ = true;
+    start_.arrive_and_wait();
+    for (std::thread& w : workers_) w.join();
+  }
+  // Runs job on every thread of the block; returns when all are done.
+  void run(const std::function<void()>& job) {
+    job_ = &job;
+    start_.arrive_and_wait();
+    done_.arrive_and_wait();
+  }
+
+ private:
+  std::barrier<> start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void()>* job_ = nullptr;
+  bool stop_ = false;
+
+ public:
+  std::barrier<> sync;
+};
+
+inline BlockThreads* current_block = nullptr;
+
+inline BlockThreads& block_threads(int threads) {
+  static std::map<int, std::unique_ptr<BlockThreads>> pools;
+  std::unique_ptr<BlockThreads>& pool = pools[threads];
+  if (!pool) pool = std::make_unique<BlockThreads>(threads);
+  return *pool;
+}
+
+// Runs kernel(args...) as a CUDA launch of `grid` blocks of `threads` threads.
+template <class Kernel, class... Args>
+void launch(dim3 grid, int threads, Kernel kernel, const Args&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535u ||
+      grid.z > 65535u || threads < 1 || threads > 1024) {
+    die("launch configuration beyond CUDA's limits");
+  }
+  gridDim = grid;
+  blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+  BlockThreads& block = block_threads(threads);
+  current_block = &block;
+  const std::function<void()> job = [&] { kernel(args...); };
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = make_uint3(x, y, z);
+        block.run(job);
+        ++blocks_run;
+      }
+    }
+  }
+}
+
+}  // namespace emu
+
+#define MTLCORE_HOST_LAUNCH(grid, threads, kernel, ...) \
+  ::emu::launch(grid, threads, kernel, __VA_ARGS__)
+
+inline void __syncthreads() { emu::current_block->sync.arrive_and_wait(); }
+
+template <class T>
+T min(T a, T b) {
+  return b < a ? b : a;
+}
+
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+
+inline float to_float(float v) { return v; }
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  typename storage<T>::type x[rows * cols];
+};
+
+// Rounds to TF32 (10 mantissa bits), ties away from zero; inf and NaN unchanged.
+inline float __float_to_tf32(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void check_operand(const void* p, unsigned ldm, size_t elem_size) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * elem_size) % 16 != 0) {
+    emu::die("wmma operand not 32-byte aligned or leading dimension not a multiple of 16 bytes");
+  }
+}
+
+template <class F, class V>
+void fill_fragment(F& f, V v) {
+  for (int i = 0; i < F::num_elements; ++i) f.x[i] = v;
+}
+
+template <class F, class P>
+void load_matrix_sync(F& f, const P* p, unsigned ldm) {
+  check_operand(p, ldm, sizeof(P));
+  for (int r = 0; r < F::rows; ++r) {
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[static_cast<size_t>(r) * ldm + c];
+  }
+}
+
+// Every lane holds the whole tile: lane 0 stores it.
+template <class F>
+void store_matrix_sync(float* p, const F& f, unsigned ldm, layout_t layout) {
+  check_operand(p, ldm, sizeof(float));
+  if (layout != mem_row_major) emu::die("only mem_row_major stores are modelled");
+  if (threadIdx.x % 32 != 0) return;
+  for (int r = 0; r < F::rows; ++r) {
+    for (int c = 0; c < F::cols; ++c) p[static_cast<size_t>(r) * ldm + c] = f.x[r * F::cols + c];
+  }
+}
+
+template <class D, class A, class B, class C>
+void mma_sync(D& d, const A& a, const B& b, const C& c) {
+  constexpr int kM = A::rows, kK = A::cols, kN = B::cols;
+  float out[kM * kN];
+  for (int i = 0; i < kM; ++i) {
+    for (int j = 0; j < kN; ++j) {
+      float s = c.x[i * kN + j];
+      for (int k = 0; k < kK; ++k) s += to_float(a.x[i * kK + k]) * to_float(b.x[k * kN + j]);
+      out[i * kN + j] = s;
+    }
+  }
+  for (int i = 0; i < kM * kN; ++i) d.x[i] = out[i];
+}
+
+}  // namespace nvcuda::wmma
