@@ -33,9 +33,9 @@
 // its sum into a [ranges, K] partial buffer, summed in range order by the second kernel for
 // grad_bias. No atomics anywhere: every sum is taken in an order fixed by the shape, so
 // results do not vary from run to run. Launches go to the current stream of input's device;
-// ranges and splits depend only on the shape, never on the device. The GEMM problem classes
-// and the direct kernels' per-element functions (conv2d_act_problems.cuh) are __host__
-// __device__, so tests/host/ runs their index arithmetic on the host.
+// ranges and splits depend only on the shape, never on the device. The device code (the GEMM
+// problem classes, the direct kernels and their per-element functions) is in
+// conv2d_act_problems.cuh, which tests/host/ also runs on the host.
 //
 // Numerics. Accumulation is in fp32 for float, half and bfloat16 (double for double). The
 // GEMM operands enter the multiply in the input dtype: half and bfloat16 on tensor cores
@@ -73,107 +73,8 @@ namespace mtlcore {
 
 namespace {
 
-// The problem classes, the element functions and the plans (conv2d_act_problems.cuh), and
-// the GEMM's types.
+// The device code and the plans (conv2d_act_problems.cuh), and the GEMM's types.
 using namespace cuda;  // NOLINT(google-build-using-namespace)
-
-// Threads per block of the direct and reduction kernels.
-constexpr int kBlockThreads = 256;
-
-// ---------------------------------------------------------------------------------------
-// Direct kernels: depthwise convolutions, the backward first pass, reductions.
-// ---------------------------------------------------------------------------------------
-
-// Sum of v over the block, valid in thread 0; a fixed tree (deterministic). All threads call.
-template <typename Acc>
-__device__ Acc block_sum(Acc v) {
-  constexpr int kWarps = kBlockThreads / 32;
-  __shared__ Acc warp_sums[kWarps];
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int warp = static_cast<int>(threadIdx.x) / 32;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? warp_sums[lane] : Acc(0);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-template <typename T, Activation A>
-__global__ void __launch_bounds__(kBlockThreads)
-    depthwise_forward_kernel(ConvShape sh, const T* x, const T* weight, const T* bias, T* out,
-                             T* preact, acc_t<T> negative_slope, int64_t total) {
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    depthwise_forward_element<T, A>(sh, x, weight, bias, out, preact, negative_slope, e);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    depthwise_input_grad_kernel(ConvShape sh, const T* g, const T* weight, T* grad_input,
-                                int64_t total) {
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    depthwise_input_grad_element(sh, g, weight, grad_input, e);
-  }
-}
-
-// Block (o = k * R * S + r * S + s, range) sums the range's terms into partial[range, o].
-template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    depthwise_weight_grad_kernel(ConvShape sh, const T* g, const T* x, acc_t<T>* partial,
-                                 int64_t pixels, int64_t range_len) {
-  const int64_t o = blockIdx.x;
-  const int64_t range = blockIdx.y;
-  const DepthwiseTap dt = depthwise_tap(sh, o);
-  const int64_t begin = range * range_len;
-  const int64_t end = min(pixels, begin + range_len);
-  acc_t<T> sum = acc_t<T>(0);
-  for (int64_t j = begin + threadIdx.x; j < end; j += kBlockThreads) {
-    sum += depthwise_weight_grad_term(sh, g, x, dt, j);
-  }
-  sum = block_sum(sum);
-  if (threadIdx.x == 0) partial[range * gridDim.x + o] = sum;
-}
-
-// Block (k, range) runs the first pass over the range's pixels and, when bias_partial is
-// given, stores the sum of dz at bias_partial[range, k].
-template <typename T, Activation A>
-__global__ void __launch_bounds__(kBlockThreads)
-    activation_grad_kernel(ConvShape sh, OutputView<T> grad_output, OutputView<T> saved, T* g,
-                           acc_t<T>* bias_partial, acc_t<T> negative_slope, int64_t pixels,
-                           int64_t range_len) {
-  const int64_t k = blockIdx.x;
-  const int64_t range = blockIdx.y;
-  const int64_t begin = range * range_len;
-  const int64_t end = min(pixels, begin + range_len);
-  acc_t<T> sum = acc_t<T>(0);
-  for (int64_t j = begin + threadIdx.x; j < end; j += kBlockThreads) {
-    sum += activation_grad_element<T, A>(sh, grad_output, saved, g, negative_slope, k, j);
-  }
-  if (bias_partial != nullptr) {
-    sum = block_sum(sum);
-    if (threadIdx.x == 0) bias_partial[range * sh.k + k] = sum;
-  }
-}
-
-// out[i] = round(sum_{p < parts} partial[p * len + i]), p in increasing order; zeros when
-// parts == 0.
-template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    sum_partials_kernel(const acc_t<T>* partial, int64_t parts, int64_t len, T* out) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < len;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t<T> sum = acc_t<T>(0);
-    for (int64_t p = 0; p < parts; ++p) sum += partial[p * len + i];
-    out[i] = ElementTraits<T>::from_acc(sum);
-  }
-}
 
 // ---------------------------------------------------------------------------------------
 // Host side
