@@ -4,7 +4,9 @@
 // barrier, the wmma tile maths included), driving the real problem classes of
 // csrc/cuda/conv2d_act_problems.cuh: the forward (identity and relu, with the pre-activation),
 // the input gradient and the weight gradient split over depth ranges as plan_depth_split cuts
-// it; and the depthwise per-element functions. Against a naive double convolution.
+// it; and the direct kernels, launched the same way: the depthwise convolutions, the
+// backward's first pass (relu's derivative and the bias gradient's block sums, with warp
+// shuffles) and the sums of partials. Against a naive double convolution.
 //
 // Every input, weight, bias and gradient is a multiple of 1/16 in [-1, 1], exact in every
 // dtype (and in TF32), so every product is exact in float and every sum here too: each
@@ -23,6 +25,7 @@
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/conv2d_act_problems.cuh"
@@ -76,6 +79,9 @@ bool matches(const std::vector<T>& got, const std::vector<double>& exact, const 
 
 template <class T, class Math>
 bool run_case(const Case& cs, std::mt19937_64& rng, const char* math) {
+  // The direct kernels do not depend on the tile math: float's run once (with the FMA tile).
+  constexpr bool kDirect = !std::is_same_v<Math, WmmaTileMath<float>>;
+  if (!kDirect && cs.groups > 1 && cs.cg == 1) return true;  // depthwise: direct kernels only
   const int64_t C = int64_t{cs.cg} * cs.groups, K = int64_t{cs.kg} * cs.groups;
   const int64_t OH =
       (cs.h + cs.pad_top + cs.pad_bottom - (int64_t{cs.dil_h} * (cs.r - 1) + 1)) / cs.stride_h + 1;
@@ -175,22 +181,24 @@ bool run_case(const Case& cs, std::mt19937_64& rng, const char* math) {
   std::vector<T> gx(xd.size(), from_double<T>(-99)), gw(wd.size(), from_double<T>(-99));
   const int64_t pixels = cs.n * sh.output_plane;
   if (depthwise) {
-    for (int64_t e = 0; e < out_numel; ++e) {
-      depthwise_forward_element<T, Activation::kIdentity>(sh, x.data(), wt.data(), bias, out.data(),
-                                                          pre.data(), slope, e);
-      depthwise_forward_element<T, Activation::kRelu>(sh, x.data(), wt.data(), bias,
-                                                      out_relu.data(), pre_relu.data(), slope, e);
-    }
-    for (int64_t e = 0; e < static_cast<int64_t>(gx.size()); ++e) {
-      depthwise_input_grad_element(sh, g.data(), wt.data(), gx.data(), e);
-    }
-    for (int64_t o = 0; o < static_cast<int64_t>(gw.size()); ++o) {
-      const DepthwiseTap tap = depthwise_tap(sh, o);
-      acc_t<T> sum = 0;
-      for (int64_t j = 0; j < pixels; ++j)
-        sum += depthwise_weight_grad_term(sh, g.data(), x.data(), tap, j);
-      gw[o] = ElementTraits<T>::from_acc(sum);
-    }
+    // The direct kernels, the element-wise ones over a few blocks so that their grid-stride
+    // loops wrap; the weight gradient over (weight element, range) blocks as plan_ranges
+    // cuts it, then the sum of its partials.
+    emu::launch(dim3(3), kBlockThreads, depthwise_forward_kernel<T, Activation::kIdentity>, sh,
+                x.data(), wt.data(), bias, out.data(), pre.data(), slope, out_numel);
+    emu::launch(dim3(3), kBlockThreads, depthwise_forward_kernel<T, Activation::kRelu>, sh,
+                x.data(), wt.data(), bias, out_relu.data(), pre_relu.data(), slope, out_numel);
+    emu::launch(dim3(2), kBlockThreads, depthwise_input_grad_kernel<T>, sh, g.data(), wt.data(),
+                gx.data(), static_cast<int64_t>(gx.size()));
+    const int64_t weights = static_cast<int64_t>(wt.size());
+    const RangeSplit ranges = plan_ranges(weights, pixels);
+    std::vector<acc_t<T>> partial(static_cast<size_t>(ranges.ranges * weights),
+                                  static_cast<acc_t<T>>(NAN));
+    emu::launch(dim3(static_cast<unsigned>(weights), static_cast<unsigned>(ranges.ranges)),
+                kBlockThreads, depthwise_weight_grad_kernel<T>, sh, g.data(), x.data(),
+                partial.data(), pixels, ranges.range_len);
+    emu::launch(dim3(2), kBlockThreads, sum_partials_kernel<T>, partial.data(), ranges.ranges,
+                weights, gw.data());
   } else {
     const ForwardGemm<T, Activation::kIdentity> fwd{
         sh, x.data(), wt.data(), bias, out.data(), pre.data(), slope, cs.kg, pixels, cs.cg * RS};
@@ -216,18 +224,59 @@ bool run_case(const Case& cs, std::mt19937_64& rng, const char* math) {
       gw[i] = ElementTraits<T>::from_acc(sum);
     }
   }
+
+  // The backward first pass for relu (its derivative read from the saved output) with the
+  // bias gradient: dz = grad_output where the output is positive, else 0; grad_bias[k] = the
+  // sum of channel k's dz, per range of pixels (block_sum), then over the ranges. grad_output
+  // is read through its strides: channels_last when the input is.
+  std::vector<T> saved(z_ref.size()), grad_output(z_ref.size());
+  const OutputView<T> saved_view{saved.data(), K * OH * OW, OH * OW, OW, 1};
+  const OutputView<T> grad_view =
+      cs.layout == 1 ? OutputView<T>{grad_output.data(), K * OH * OW, 1, OW * K, K}
+                     : OutputView<T>{grad_output.data(), K * OH * OW, OH * OW, OW, 1};
+  std::vector<double> dz_ref(z_ref.size()), grad_bias_ref(static_cast<size_t>(K), 0.0);
+  for (int64_t n = 0; n < cs.n; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const int64_t o = ((n * K + k) * OH + oh) * OW + ow;
+          saved[o] = from_double<T>(relu_ref[o]);
+          grad_output[n * grad_view.stride_n + k * grad_view.stride_k + oh * grad_view.stride_h +
+                      ow * grad_view.stride_w] = g[o];
+          dz_ref[o] = relu_ref[o] > 0 ? gd[o] : 0.0;
+          grad_bias_ref[k] += dz_ref[o];
+        }
+  if (!kDirect) {
+    return matches(out, z_ref, "forward", math, cs) && matches(pre, z_ref, "preact", math, cs) &&
+           matches(out_relu, relu_ref, "relu forward", math, cs) &&
+           matches(pre_relu, z_ref, "relu preact", math, cs) &&
+           matches(gx, gx_ref, "grad_input", math, cs) &&
+           matches(gw, gw_ref, "grad_weight", math, cs);
+  }
+  const RangeSplit bias_ranges = plan_ranges(K, pixels);
+  std::vector<T> dz(z_ref.size(), from_double<T>(-99)), grad_bias(bd.size(), from_double<T>(-99));
+  std::vector<acc_t<T>> bias_partial(static_cast<size_t>(bias_ranges.ranges * K),
+                                     static_cast<acc_t<T>>(NAN));
+  emu::launch(dim3(static_cast<unsigned>(K), static_cast<unsigned>(bias_ranges.ranges)),
+              kBlockThreads, activation_grad_kernel<T, Activation::kRelu>, sh, grad_view,
+              saved_view, dz.data(), bias_partial.data(), slope, pixels, bias_ranges.range_len);
+  emu::launch(dim3(1), kBlockThreads, sum_partials_kernel<T>, bias_partial.data(),
+              bias_ranges.ranges, K, grad_bias.data());
+
   return matches(out, z_ref, "forward", math, cs) && matches(pre, z_ref, "preact", math, cs) &&
          matches(out_relu, relu_ref, "relu forward", math, cs) &&
          matches(pre_relu, z_ref, "relu preact", math, cs) &&
          matches(gx, gx_ref, "grad_input", math, cs) &&
-         matches(gw, gw_ref, "grad_weight", math, cs);
+         matches(gw, gw_ref, "grad_weight", math, cs) &&
+         matches(dz, dz_ref, "first pass", math, cs) &&
+         matches(grad_bias, grad_bias_ref, "grad_bias", math, cs);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
-  const int random_cases = argc > 1 ? std::atoi(argv[1]) : 16;
+  const int random_cases = argc > 1 ? std::atoi(argv[1]) : 10;
   std::mt19937_64 rng(20261130);
   std::vector<Case> cases = {
       {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 0, true},     // 1x1 image, 1x1 kernel
@@ -235,8 +284,10 @@ int main(int argc, char** argv) {
       {1, 1, 40, 70, 5, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 2, true},   // > 64 rows, many depth tiles
       {3, 1, 5, 9, 13, 11, 3, 2, 1, 1, 1, 0, 2, 1, 1, 2, 0, false},  // > 128 columns
       {2, 4, 1, 2, 6, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, true},     // depthwise, multiplier 2
+      {1, 2, 1, 1, 70, 70, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, true},   // depthwise, > 4096 pixels:
+                                                                     // sums over 2 ranges
   };
-  while (static_cast<int>(cases.size()) < 5 + random_cases) {
+  while (static_cast<int>(cases.size()) < 6 + random_cases) {
     Case c{};
     c.n = 1 + static_cast<int>(rng() % 3);
     c.groups = 1 + static_cast<int>(rng() % 3);

@@ -8,8 +8,11 @@
 // statics: shared by the threads of the running block, as on a device. nvcuda::wmma is modelled
 // with each thread holding its warp's whole fragment (the layout inside a fragment is opaque to the
 // kernel), products summed in float; load/store abort on a pointer that is not 32-byte aligned
-// or a leading dimension that is not a multiple of 16 bytes, as wmma requires. A launch aborts
-// on a grid beyond CUDA's limits. Not modelled: warp shuffles, atomics, streams.
+// or a leading dimension that is not a multiple of 16 bytes, as wmma requires. Full-warp
+// shuffles (__shfl_down_sync, __shfl_sync) exchange through the warp's slots. A launch aborts
+// on a grid beyond CUDA's limits, a block that does not finish (a barrier or shuffle that not
+// every thread reaches) after 60 s instead of hanging. Not modelled: partial-warp masks, atomics,
+// streams.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +20,8 @@
 #include <cuda_runtime.h>
 
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +29,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -49,11 +55,21 @@ inline int64_t blocks_run = 0;
   std::abort();
 }
 
+// One warp's shuffle exchange: each lane's value, and the warp's barrier.
+struct Warp {
+  std::barrier<> barrier{32};
+  uint64_t slot[32] = {};
+};
+
 // The threads of one block, kept between blocks and launches: each waits for a block, runs
-// the job and reports back. `sync` is the block's __syncthreads barrier.
+// the job and counts itself done. `sync` is the block's __syncthreads barrier. A block whose
+// threads do not all finish within 60 s (a __syncthreads or a shuffle that not every thread
+// reaches: undefined behaviour on a device, a hang here) aborts the program.
 class BlockThreads {
  public:
-  explicit BlockThreads(int threads) : start_(threads + 1), done_(threads + 1), sync(threads) {
+  explicit BlockThreads(int threads)
+      : threads_(threads), start_(threads + 1), sync(threads), warps(threads / 32) {
+    if (threads % 32 != 0) die("blocks of a multiple of 32 threads only");
     for (int t = 0; t < threads; ++t) {
       workers_.emplace_back([this, t] {
         threadIdx = make_uint3(static_cast<unsigned>(t), 0, 0);
@@ -61,7 +77,8 @@ class BlockThreads {
           start_.arrive_and_wait();
           if (stop_) return;
           (*job_)();
-          done_.arrive_and_wait();
+          const std::lock_guard<std::mutex> lock(mutex_);
+          if (++finished_ == threads_) all_finished_.notify_one();
         }
       });
     }
@@ -74,18 +91,28 @@ class BlockThreads {
   // Runs job on every thread of the block; returns when all are done.
   void run(const std::function<void()>& job) {
     job_ = &job;
+    finished_ = 0;
     start_.arrive_and_wait();
-    done_.arrive_and_wait();
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (!all_finished_.wait_for(lock, std::chrono::seconds(60),
+                                [&] { return finished_ == threads_; })) {
+      die("a block did not finish: a __syncthreads or shuffle not every thread reaches?");
+    }
   }
 
  private:
-  std::barrier<> start_, done_;
+  const int threads_;
+  std::barrier<> start_;
   std::vector<std::thread> workers_;
   const std::function<void()>* job_ = nullptr;
   bool stop_ = false;
+  std::mutex mutex_;
+  std::condition_variable all_finished_;
+  int finished_ = 0;
 
  public:
   std::barrier<> sync;
+  std::vector<Warp> warps;
 };
 
 inline BlockThreads* current_block = nullptr;
@@ -126,6 +153,38 @@ void launch(dim3 grid, int threads, Kernel kernel, const Args&... args) {
   ::emu::launch(grid, threads, kernel, __VA_ARGS__)
 
 inline void __syncthreads() { emu::current_block->sync.arrive_and_wait(); }
+
+namespace emu {
+
+// value of lane `source(lane)` of this thread's warp; every lane of the warp must take part.
+template <class T, class Source>
+T shuffle(unsigned mask, T value, Source source) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  if (mask != 0xffffffffu) die("only full-warp shuffles are modelled");
+  Warp& warp = current_block->warps[threadIdx.x / 32];
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  std::memcpy(&warp.slot[lane], &value, sizeof(T));
+  warp.barrier.arrive_and_wait();
+  T result = value;
+  const int from = source(lane);
+  if (from >= 0) std::memcpy(&result, &warp.slot[from], sizeof(T));
+  warp.barrier.arrive_and_wait();
+  return result;
+}
+
+}  // namespace emu
+
+template <class T>
+T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
+  return emu::shuffle(mask, value, [delta](int lane) {
+    return lane + static_cast<int>(delta) < 32 ? lane + static_cast<int>(delta) : -1;
+  });
+}
+
+template <class T>
+T __shfl_sync(unsigned mask, T value, int source_lane) {
+  return emu::shuffle(mask, value, [source_lane](int) { return source_lane & 31; });
+}
 
 template <class T>
 T min(T a, T b) {
