@@ -75,6 +75,20 @@ def _cuda_library_includes(nvcc: str) -> list[Path]:
     return [f for f in folders if (f / "cusparse.h").is_file()]
 
 
+def _sanitizers_link(cxx: str, folder: Path) -> bool:
+    """Whether cxx builds a program with AddressSanitizer and UBSan (their runtimes exist)."""
+    if shutil.which(cxx) is None:
+        return False
+    probe = folder / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    built = subprocess.run(
+        [cxx, "-fsanitize=address,undefined", str(probe), "-o", str(folder / "probe")],
+        capture_output=True,
+        timeout=120,
+    )
+    return built.returncode == 0
+
+
 def _build_command(program: str, compiler: str, nvcc: str, binary: Path) -> list[str]:
     torch_dir = Path(torch.__file__).resolve().parent
     lib = torch_dir / "lib"
@@ -112,8 +126,8 @@ def test_cuda_code_on_the_host(tmp_path, program, header, compiler, needs_cuda_l
         pytest.skip("the C++ sources are not next to the tests")
     if needs_cuda_libraries and not _cuda_library_includes(nvcc):
         pytest.skip("no cusparse.h: this torch or toolkit lacks the CUDA library headers")
-    if compiler == "g++" and shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no host C++ compiler")
+    if compiler == "g++" and not _sanitizers_link(os.environ.get("CXX", "g++"), tmp_path):
+        pytest.skip("no host C++ compiler that links AddressSanitizer and UBSan")
     binary = tmp_path / Path(program).stem
     built = subprocess.run(
         _build_command(program, compiler, nvcc, binary), capture_output=True, text=True, timeout=900
