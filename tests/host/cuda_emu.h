@@ -1,6 +1,7 @@
-// A host emulation of the little of CUDA that mtlcore's implicit-GEMM kernel uses, so that a
-// host compiler can run the unmodified kernel code (csrc/cuda/conv2d_act_gemm.cuh): include
-// this first, then the kernel headers, in a program built with g++ (tests/test_cuda_host.py).
+// A host emulation of the little of CUDA that mtlcore's convolution kernels use, so that a
+// host compiler can run the unmodified kernel code (csrc/cuda/conv2d_act_gemm.cuh and
+// conv2d_act_problems.cuh): include this first, then the kernel headers, in a program built
+// with g++ (tests/test_cuda_host.py).
 //
 // A launch (MTLCORE_HOST_LAUNCH, which the header's launcher calls when it is defined) runs
 // the grid's blocks one after another; a block's threads run as std::threads (kept for the
