@@ -16,6 +16,7 @@ needed."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -51,6 +52,7 @@ def _nvcc() -> str | None:
     return None
 
 
+@functools.cache
 def _toolkit_includes(nvcc: str) -> list[Path]:
     """The include folders nvcc itself passes to the host compiler (from ``nvcc --dryrun``)."""
     dry = subprocess.run(
