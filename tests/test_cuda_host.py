@@ -9,7 +9,11 @@ run; its header says what it checks:
 - conv2d_act_host.cpp (g++ with AddressSanitizer and UBSan, the toolkit's headers): the
   convolution's tiled implicit GEMM, unmodified, through the block emulator of
   tests/host/cuda_emu.h, with all five tile maths (wmma included) and the depthwise element
-  functions, against a naive convolution, bit for bit.
+  functions, against a naive convolution, bit for bit;
+- multitask_loss_host.cpp (g++ with AddressSanitizer and UBSan, through the same emulator): the
+  loss kernels of multitask_loss_kernels.cuh, unmodified, on the work lists it plans (every
+  work mode, four dtypes, strided views with poisoned gaps, labels out of range), the finalize,
+  backward-scaling and coupling-gradient kernels, against a float64 reference.
 They need nvcc (and its toolkit's headers; the multi-tensor apply also the CUDA library headers
 ATen's CUDA headers include, which torch's CUDA wheel ships); they skip without them. No GPU is
 needed."""
@@ -37,6 +41,13 @@ PROGRAMS = [
     ("mta_host.cu", "multi_tensor_apply.cuh", "nvcc", True, "mta host: ok"),
     ("max_pool2d_host.cu", "max_pool2d_elements.cuh", "nvcc", False, "max_pool2d host: ok"),
     ("conv2d_act_host.cpp", "conv2d_act_gemm.cuh", "g++", False, "conv2d_act host: ok"),
+    (
+        "multitask_loss_host.cpp",
+        "multitask_loss_kernels.cuh",
+        "g++",
+        False,
+        "multitask_loss host: ok",
+    ),
 ]
 
 

@@ -1,9 +1,10 @@
-// A host emulation of the little of CUDA that mtlcore's convolution kernels use, so that a
-// host compiler can run the unmodified kernel code (csrc/cuda/conv2d_act_gemm.cuh and
-// conv2d_act_problems.cuh): include this first, then the kernel headers, in a program built
-// with g++ (tests/test_cuda_host.py).
+// A host emulation of the little of CUDA that mtlcore's convolution and loss kernels use, so
+// that a host compiler can run the unmodified kernel code (csrc/cuda/conv2d_act_gemm.cuh,
+// conv2d_act_problems.cuh and multitask_loss_kernels.cuh): include this first, then the
+// kernel headers, in a program built with g++ (tests/test_cuda_host.py).
 //
-// A launch (MTLCORE_HOST_LAUNCH, which the header's launcher calls when it is defined) runs
+// A launch (emu::launch; MTLCORE_HOST_LAUNCH, which the conv header's launcher calls when it is
+// defined) runs
 // the grid's blocks one after another; a block's threads run as std::threads (kept for the
 // next block) with a std::barrier for __syncthreads. __shared__ variables become function-local
 // statics: shared by the threads of the running block, as on a device. nvcuda::wmma is modelled
@@ -12,14 +13,18 @@
 // or a leading dimension that is not a multiple of 16 bytes, as wmma requires. Full-warp
 // shuffles (__shfl_down_sync, __shfl_sync) exchange through the warp's slots. A launch aborts
 // on a grid beyond CUDA's limits, a block that does not finish (a barrier or shuffle that not
-// every thread reaches) after 60 s instead of hanging. Not modelled: partial-warp masks, atomics,
-// streams.
+// every thread reaches) after 60 s instead of hanging. A failed CUDA_KERNEL_ASSERT is counted
+// in emu::device_asserts (a device would report it at the next synchronisation) and the thread
+// goes on. Not modelled: partial-warp masks, atomics, streams.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// Before the redefinition of CUDA_KERNEL_ASSERT below (its include guard keeps it).
+#include <c10/macros/Macros.h>
 
+#include <atomic>
 #include <barrier>
 #include <chrono>
 #include <condition_variable>
@@ -50,6 +55,7 @@ inline dim3 blockDim;
 namespace emu {
 
 inline int64_t blocks_run = 0;
+inline std::atomic<int64_t> device_asserts{0};
 
 [[noreturn]] inline void die(const char* what) {
   std::fprintf(stderr, "cuda_emu: %s\n", what);
@@ -154,6 +160,12 @@ void launch(dim3 grid, int threads, Kernel kernel, const Args&... args) {
   ::emu::launch(grid, threads, kernel, __VA_ARGS__)
 
 inline void __syncthreads() { emu::current_block->sync.arrive_and_wait(); }
+
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(cond)                     \
+  do {                                               \
+    if (!(cond)) ::emu::device_asserts.fetch_add(1); \
+  } while (0)
 
 namespace emu {
 
