@@ -4,6 +4,9 @@ run; its header says what it checks:
 - mta_host.cu (nvcc, host code): the multi-tensor apply's packing, chunk lookup and per-thread
   element walk over every (block, thread) of each launch: every element visited once, nothing
   else touched;
+- optim_host.cu (nvcc, host code): the fused SGD and Adam element functors, unmodified, over
+  random groups walked by every (block, thread) as the multi-tensor apply kernel walks them,
+  against torch.optim's algorithms written out, bit for bit;
 - max_pool2d_host.cu (nvcc, host code): the max_pool2d kernels' per-element forward and
   backward against a brute-force pooling, bit for bit;
 - conv2d_act_host.cpp (g++ with AddressSanitizer and UBSan, the toolkit's headers): the
@@ -39,6 +42,7 @@ CSRC = ROOT / "csrc"
 # last when every check passed.
 PROGRAMS = [
     ("mta_host.cu", "multi_tensor_apply.cuh", "nvcc", True, "mta host: ok"),
+    ("optim_host.cu", "optim_ops.cuh", "nvcc", True, "optim host: ok"),
     ("max_pool2d_host.cu", "max_pool2d_elements.cuh", "nvcc", False, "max_pool2d host: ok"),
     ("conv2d_act_host.cpp", "conv2d_act_gemm.cuh", "g++", False, "conv2d_act host: ok"),
     (

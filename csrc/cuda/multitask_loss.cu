@@ -1,6 +1,8 @@
 // CUDA kernels of mtlcore::multitask_loss, multitask_loss_with_grad and multitask_loss_backward
 // (schemas in csrc/mtlcore.cpp): T task losses (ce, bce, mse, l1) in one pass, coupled by the
-// weights and the relation matrix, and the scaling of their gradients in the backward.
+// weights and the relation matrix, and the scaling of their gradients in the backward. The
+// device code and the work-list planning are in multitask_loss_kernels.cuh (which
+// tests/host/multitask_loss_host.cpp also runs on the host); this file is the ATen side.
 //
 // Data layout. The shared argument checks (common/multitask_loss_args.h) describe task i by a
 // TaskView: B items of C x S elements read through the item strides logits_stride and
