@@ -17,6 +17,8 @@ run; its header says what it checks:
   loss kernels of multitask_loss_kernels.cuh, unmodified, on the work lists it plans (every
   work mode, four dtypes, strided views with poisoned gaps, labels out of range), the finalize,
   backward-scaling and coupling-gradient kernels, against a float64 reference.
+The two emulated programs also run under ThreadSanitizer, on fewer cases: a missing barrier is
+a data race between the emulated threads.
 They need nvcc (and its toolkit's headers; the multi-tensor apply also the CUDA library headers
 ATen's CUDA headers include, which torch's CUDA wheel ships); they skip without them. No GPU is
 needed."""
@@ -92,21 +94,29 @@ def _cuda_library_includes(nvcc: str) -> list[Path]:
     return [f for f in folders if (f / "cusparse.h").is_file()]
 
 
-def _sanitizers_link(cxx: str, folder: Path) -> bool:
-    """Whether cxx builds a program with AddressSanitizer and UBSan (their runtimes exist)."""
+# Sanitizers of the g++ builds: AddressSanitizer and UBSan for every emulated program, and a
+# second build of each under ThreadSanitizer (below).
+ASAN_UBSAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+TSAN = ["-fsanitize=thread"]
+
+
+def _sanitizers_link(cxx: str, folder: Path, flags: list[str]) -> bool:
+    """Whether cxx builds a program with the sanitizer flags (their runtimes exist)."""
     if shutil.which(cxx) is None:
         return False
     probe = folder / "probe.cpp"
     probe.write_text("int main() { return 0; }\n")
     built = subprocess.run(
-        [cxx, "-fsanitize=address,undefined", str(probe), "-o", str(folder / "probe")],
+        [cxx, *flags, str(probe), "-o", str(folder / "probe")],
         capture_output=True,
         timeout=120,
     )
     return built.returncode == 0
 
 
-def _build_command(program: str, compiler: str, nvcc: str, binary: Path) -> list[str]:
+def _build_command(
+    program: str, compiler: str, nvcc: str, binary: Path, sanitizers: list[str] = ASAN_UBSAN
+) -> list[str]:
     torch_dir = Path(torch.__file__).resolve().parent
     lib = torch_dir / "lib"
     torch_includes = [
@@ -124,10 +134,51 @@ def _build_command(program: str, compiler: str, nvcc: str, binary: Path) -> list
     toolkit = [w for f in _toolkit_includes(nvcc) for w in ("-isystem", str(f))]
     cxx = os.environ.get("CXX", "g++")
     return [
-        cxx, "-std=c++20", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+        cxx, "-std=c++20", "-O1", *sanitizers,
         "-pthread", "-I", str(CSRC), "-I", str(HOST), *toolkit, *torch_includes,
         str(HOST / program), "-o", str(binary), f"-L{lib}", "-lc10", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
+
+
+def _build_and_run(
+    folder: Path,
+    program: str,
+    header: str,
+    compiler: str,
+    needs_cuda_libraries: bool,
+    ok_line: str,
+    sanitizers: list[str] = ASAN_UBSAN,
+    args: tuple[str, ...] = (),
+) -> None:
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    if not (CSRC / "cuda" / header).is_file():
+        pytest.skip("the C++ sources are not next to the tests")
+    if needs_cuda_libraries and not _cuda_library_includes(nvcc):
+        pytest.skip("no cusparse.h: this torch or toolkit lacks the CUDA library headers")
+    if compiler == "g++" and not _sanitizers_link(os.environ.get("CXX", "g++"), folder, sanitizers):
+        pytest.skip(f"no host C++ compiler that links {' '.join(sanitizers)}")
+    binary = folder / Path(program).stem
+    built = subprocess.run(
+        _build_command(program, compiler, nvcc, binary, sanitizers),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert built.returncode == 0, f"the build failed:\n{built.stderr[-4000:]}"
+    # Any sanitizer report ends the run with an error (ThreadSanitizer: exit code 66); no leak
+    # check (the emulator keeps its block threads until exit).
+    env = {
+        **os.environ,
+        "ASAN_OPTIONS": "detect_leaks=0",
+        "UBSAN_OPTIONS": "print_stacktrace=1",
+        "TSAN_OPTIONS": "halt_on_error=1",
+    }
+    env.pop("LD_PRELOAD", None)
+    ran = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=900, env=env)
+    assert ran.returncode == 0, f"exit {ran.returncode}:\n{ran.stdout[-4000:]}{ran.stderr[-4000:]}"
+    assert ran.stdout.rstrip().endswith(ok_line), ran.stdout
 
 
 @pytest.mark.parametrize(
@@ -136,24 +187,23 @@ def _build_command(program: str, compiler: str, nvcc: str, binary: Path) -> list
     ids=[p[0] for p in PROGRAMS],
 )
 def test_cuda_code_on_the_host(tmp_path, program, header, compiler, needs_cuda_libraries, ok_line):
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    if not (CSRC / "cuda" / header).is_file():
-        pytest.skip("the C++ sources are not next to the tests")
-    if needs_cuda_libraries and not _cuda_library_includes(nvcc):
-        pytest.skip("no cusparse.h: this torch or toolkit lacks the CUDA library headers")
-    if compiler == "g++" and not _sanitizers_link(os.environ.get("CXX", "g++"), tmp_path):
-        pytest.skip("no host C++ compiler that links AddressSanitizer and UBSan")
-    binary = tmp_path / Path(program).stem
-    built = subprocess.run(
-        _build_command(program, compiler, nvcc, binary), capture_output=True, text=True, timeout=900
-    )
-    assert built.returncode == 0, f"the build failed:\n{built.stderr[-4000:]}"
-    # Any sanitizer report ends the run with an error; no leak check (the emulator keeps its
-    # block threads until exit).
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
-    env.pop("LD_PRELOAD", None)
-    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=900, env=env)
-    assert ran.returncode == 0, f"exit {ran.returncode}:\n{ran.stdout[-4000:]}{ran.stderr[-4000:]}"
-    assert ran.stdout.rstrip().endswith(ok_line), ran.stdout
+    _build_and_run(tmp_path, program, header, compiler, needs_cuda_libraries, ok_line)
+
+
+# The emulated kernels again under ThreadSanitizer, on fewer cases (the argument each program
+# takes for that): a __syncthreads missing between one thread's write of shared memory and
+# another's read (or the reverse) is a data race between the block's std::threads. Checked
+# that it can fail: without the barrier that ends a step of the conv's tile loop, either of the
+# loss's block_allreduce barriers around its result, or the finalize kernel's before it reads
+# task_loss, the run reports a race.
+TSAN_PROGRAMS = [
+    ("conv2d_act_host.cpp", "conv2d_act_gemm.cuh", "conv2d_act host: ok", "0"),
+    ("multitask_loss_host.cpp", "multitask_loss_kernels.cuh", "multitask_loss host: ok", "quick"),
+]
+
+
+@pytest.mark.parametrize(
+    ("program", "header", "ok_line", "size"), TSAN_PROGRAMS, ids=[p[0] for p in TSAN_PROGRAMS]
+)
+def test_emulated_kernels_have_no_data_race(tmp_path, program, header, ok_line, size):
+    _build_and_run(tmp_path, program, header, "g++", False, ok_line, TSAN, (size,))
