@@ -196,14 +196,25 @@ def test_cuda_code_on_the_host(tmp_path, program, header, compiler, needs_cuda_l
 # that it can fail: without the barrier that ends a step of the conv's tile loop, either of the
 # loss's block_allreduce barriers around its result, or the finalize kernel's before it reads
 # task_loss, the run reports a race.
-TSAN_PROGRAMS = [
-    ("conv2d_act_host.cpp", "conv2d_act_gemm.cuh", "conv2d_act host: ok", "0"),
-    ("multitask_loss_host.cpp", "multitask_loss_kernels.cuh", "multitask_loss host: ok", "quick"),
-]
+TSAN_SIZE = {"conv2d_act_host.cpp": "0", "multitask_loss_host.cpp": "quick"}
+EMULATED = [p for p in PROGRAMS if p[2] == "g++"]
 
 
 @pytest.mark.parametrize(
-    ("program", "header", "ok_line", "size"), TSAN_PROGRAMS, ids=[p[0] for p in TSAN_PROGRAMS]
+    ("program", "header", "compiler", "needs_cuda_libraries", "ok_line"),
+    EMULATED,
+    ids=[p[0] for p in EMULATED],
 )
-def test_emulated_kernels_have_no_data_race(tmp_path, program, header, ok_line, size):
-    _build_and_run(tmp_path, program, header, "g++", False, ok_line, TSAN, (size,))
+def test_emulated_kernels_have_no_data_race(
+    tmp_path, program, header, compiler, needs_cuda_libraries, ok_line
+):
+    _build_and_run(
+        tmp_path,
+        program,
+        header,
+        compiler,
+        needs_cuda_libraries,
+        ok_line,
+        TSAN,
+        (TSAN_SIZE[program],),
+    )

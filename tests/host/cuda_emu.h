@@ -3,17 +3,16 @@
 // conv2d_act_problems.cuh and multitask_loss_kernels.cuh): include this first, then the
 // kernel headers, in a program built with g++ (tests/test_cuda_host.py).
 //
-// A launch (emu::launch; MTLCORE_HOST_LAUNCH, which the conv header's launcher calls when it is
-// defined) runs
-// the grid's blocks one after another; a block's threads run as std::threads (kept for the
-// next block) with a std::barrier for __syncthreads. __shared__ variables become function-local
-// statics: shared by the threads of the running block, as on a device. nvcuda::wmma is modelled
-// with each thread holding its warp's whole fragment (the layout inside a fragment is opaque to the
-// kernel), products summed in float; load/store abort on a pointer that is not 32-byte aligned
-// or a leading dimension that is not a multiple of 16 bytes, as wmma requires. Full-warp
-// shuffles (__shfl_down_sync, __shfl_sync) exchange through the warp's slots. A launch aborts
-// on a grid beyond CUDA's limits, a block that does not finish (a barrier or shuffle that not
-// every thread reaches) after 60 s instead of hanging. A failed CUDA_KERNEL_ASSERT is counted
+// A launch (emu::launch; MTLCORE_HOST_LAUNCH, which the conv header's launcher calls when it
+// is defined) runs the grid's blocks one after another; a block's threads run as std::threads
+// (kept for the next block) with a std::barrier for __syncthreads. __shared__ variables become
+// function-local statics: shared by the threads of the running block, as on a device. nvcuda::wmma
+// is modelled with each thread holding its warp's whole fragment (the layout inside a fragment is
+// opaque to the kernel), products summed in float; load/store abort on a pointer that is not
+// 32-byte aligned or a leading dimension that is not a multiple of 16 bytes, as wmma requires.
+// Full-warp shuffles (__shfl_down_sync, __shfl_sync) exchange through the warp's slots. A launch
+// aborts on a grid beyond CUDA's limits, a block that does not finish (a barrier or shuffle that
+// not every thread reaches) after 60 s instead of hanging. A failed CUDA_KERNEL_ASSERT is counted
 // in emu::device_asserts (a device would report it at the next synchronisation) and the thread
 // goes on. Not modelled: partial-warp masks, atomics, streams.
 #pragma once

@@ -41,9 +41,8 @@ void fail(const std::string& what) {
 struct Hyper {
   double lr = 0.01, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  bool nesterov = false, maximize = false, decoupled = false, first_step = false;
+  bool nesterov = false, maximize = false, decoupled = false;
   int found_inf = -1;  // -1: no found_inf tensor; else its value
-  bool scaled = false;
 };
 
 // One array of a group in a buffer of its own: guards, 0..7 elements of offset, the data.
@@ -59,8 +58,7 @@ template <typename scalar_t, int D>
 struct Groups {
   std::vector<int64_t> numel;
   std::vector<std::array<Array<scalar_t>, D>> arrays;
-  std::vector<double> steps;  // per group
-  std::vector<float> steps_f32;
+  std::vector<float> steps_f32;  // each group's step counter, in both dtypes
   std::vector<double> steps_f64;
 };
 
@@ -83,11 +81,9 @@ Groups<scalar_t, D> make_groups(std::mt19937_64& rng, const double (&lo)[D],
       std::uniform_real_distribution<double> u(lo[d], hi[d]);
       for (int64_t k = 0; k < g.numel[i]; ++k) a.data()[k] = static_cast<scalar_t>(u(rng));
     }
-    const double step = 1 + static_cast<double>(rng() % 12);
-    g.steps.push_back(step);
+    g.steps_f64.push_back(1 + static_cast<double>(rng() % 12));
+    g.steps_f32.push_back(static_cast<float>(g.steps_f64.back()));
   }
-  g.steps_f32.assign(g.steps.begin(), g.steps.end());
-  g.steps_f64 = g.steps;
   return g;
 }
 
@@ -141,19 +137,21 @@ void compare(const Groups<scalar_t, D>& got, const Groups<scalar_t, D>& want,
   }
 }
 
-// torch.optim.SGD's step for one element, in T, one rounding per operation.
+// torch.optim.SGD's step for one element, in T, one rounding per operation; with `scaled`,
+// the gradient is divided by scale first and written back.
 template <typename T>
-void sgd_reference(const Hyper& h, float scale, T& p, T& g_io, T* buf) {
+void sgd_reference(const Hyper& h, bool first_step, bool scaled, float scale, T& p, T& g_io,
+                   T* buf) {
   T g = g_io;
-  if (h.scaled) {
+  if (scaled) {
     g = g / static_cast<T>(scale);
     g_io = g;
   }
   if (h.maximize) g = -g;
   if (h.weight_decay != 0.0) g = g + p * static_cast<T>(h.weight_decay);
   if (h.momentum != 0.0) {
-    T b = h.first_step ? g
-                       : *buf * static_cast<T>(h.momentum) + g * static_cast<T>(1.0 - h.dampening);
+    T b =
+        first_step ? g : *buf * static_cast<T>(h.momentum) + g * static_cast<T>(1.0 - h.dampening);
     *buf = b;
     g = h.nesterov ? g + b * static_cast<T>(h.momentum) : b;
   }
@@ -162,10 +160,10 @@ void sgd_reference(const Hyper& h, float scale, T& p, T& g_io, T* buf) {
 
 // torch.optim.Adam's (AdamW's with decoupled) step for one element at step `step`.
 template <typename T>
-void adam_reference(const Hyper& h, float scale, double step, bool amsgrad, T& p, T& g_io, T& m,
-                    T& v, T* vmax) {
+void adam_reference(const Hyper& h, bool scaled, float scale, double step, bool amsgrad, T& p,
+                    T& g_io, T& m, T& v, T* vmax) {
   T g = g_io;
-  if (h.scaled) {
+  if (scaled) {
     g = g / static_cast<T>(scale);
     g_io = g;
   }
@@ -211,10 +209,7 @@ void run_sgd(std::mt19937_64& rng, const Hyper& h, const char* dtype) {
         T p = static_cast<T>(want.arrays[i][0].data()[k]);
         T g = static_cast<T>(want.arrays[i][1].data()[k]);
         T b = D > 2 ? static_cast<T>(want.arrays[i][D - 1].data()[k]) : T(0);
-        Hyper hh = h;
-        hh.scaled = kScale;
-        hh.first_step = kMode == kFirstStep;
-        sgd_reference<T>(hh, scale, p, g, &b);
+        sgd_reference<T>(h, kMode == kFirstStep, kScale, scale, p, g, &b);
         want.arrays[i][0].data()[k] = static_cast<scalar_t>(p);
         if (kScale) want.arrays[i][1].data()[k] = static_cast<scalar_t>(g);
         if (D > 2) want.arrays[i][D - 1].data()[k] = static_cast<scalar_t>(b);
@@ -250,9 +245,7 @@ void run_adam(std::mt19937_64& rng, const Hyper& h, bool f64_steps, const char* 
       for (int64_t k = 0; k < want.numel[i]; ++k) {
         T x[5] = {};
         for (int d = 0; d < D; ++d) x[d] = static_cast<T>(want.arrays[i][d].data()[k]);
-        Hyper hh = h;
-        hh.scaled = kScale;
-        adam_reference<T>(hh, scale, step, kAmsgrad, x[0], x[1], x[2], x[3], &x[4]);
+        adam_reference<T>(h, kScale, scale, step, kAmsgrad, x[0], x[1], x[2], x[3], &x[4]);
         for (int d = 0; d < D; ++d) {
           if (d != 1 || kScale) want.arrays[i][d].data()[k] = static_cast<scalar_t>(x[d]);
         }
