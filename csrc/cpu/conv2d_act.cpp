@@ -22,10 +22,14 @@
 //   first backward pass: one job per (image, channel) plane: g = grad_output * act'(saved) in
 //     a zero-padded row layout, and the plane's bias-gradient sum (in double); planes are then
 //     summed per channel in image order;
-//   grad_weight: jobs = (image split, group, band of depth rows). The number of image splits
-//     depends only on the shapes (1, or up to 4 when there are few depth bands) and their
-//     partial sums are added in split order, so grad_weight does not depend on the thread
-//     count either.
+//   grad_weight: jobs = (image split, group, band of depth rows). The image splits depend
+//     only on the shapes (up to 8; 1 with 8 groups or more) and their partial sums are added
+//     in split order, so grad_weight does not depend on the thread count either; a job reads
+//     its images' G once for all its depth rows, so bands (any number of depth rows) are cut
+//     only when there are fewer than four (split, group) jobs per thread. With G in memory and
+//     channels that fill the vectors, G is first transposed into panels of channels, one job
+//     per (image, group), and the jobs read it and a zero-padded input copy in place
+//     (use_direct_weight_grad).
 //   Without an input gradient and with at most max_weight_grad_rows depth rows per group (a
 //     first layer), there is no first pass: each grad_weight job takes every depth row of up
 //     to an eighth of the images (a shape-only split) and computes G block by block (in L2) as
@@ -37,10 +41,11 @@
 //   of every channel of a group, 256 kB for 32 channels), a padded copy of G for a unit-stride
 //   input gradient, the weights rearranged and packed, and one small workspace per thread (by
 //   columns: a block of columns, at most about 256 kB, and the padded image); grad_weight adds
-//   partial sums of up to 8 weight-sized buffers. The padded copies, G and the workspaces are
-//   scratch memory that the thread keeps for the next call (cpu/scratch.h: no page faults on
-//   every call; at most 256 MB per buffer is kept). bench/bench_conv.py measures the peak
-//   against eager.
+//   partial sums of up to 8 weight-sized buffers and, on the direct path, G^T (G's size, the
+//   channels rounded up to the vector panels) and a zero-padded input copy. The padded copies, G
+//   and the workspaces are scratch memory that the thread keeps for the next call (cpu/scratch.h:
+//   no page faults on every call; at most 256 MB per buffer is kept). bench/bench_conv.py measures
+//   the peak against eager.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -538,6 +543,15 @@ bool weight_grad_computes_g(const ConvKernels<T>& k, const Conv2dParams& p,
   return !output_mask[0] && output_mask[1] && p.depth() <= k.max_weight_grad_rows;
 }
 
+// Whether grad_weight runs the direct kernel (from G^T and the padded input) rather than
+// gathering and transposing X per job: with G in memory, when the channels fill the vectors
+// (at most a fifth of G^T's lanes padding).
+template <typename T>
+bool use_direct_weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, bool computed) {
+  const int64_t kg = p.k_per_group();
+  return !computed && 4 * ceil_div(kg, k.nr) * k.nr <= 5 * kg;
+}
+
 // grad_weight from G in memory (g, rows of row_len; db must be null: the first pass computed
 // it) or, with g null, from grad_output and saved (weight_grad_computes_g), then also the bias
 // gradient into db unless db is null.
@@ -547,17 +561,35 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
                  const at::Tensor& saved, T* db) {
   const int64_t kg = p.k_per_group(), cg = p.c_per_group(), depth = p.depth();
   const bool computed = g == nullptr;
-  // Image splits: a function of the shapes only, so the sums do not depend on the threads.
-  // Computing G, a job takes every depth row (one band), so the images are split finer.
-  const int64_t splits = computed ? (p.groups >= 8 ? 1 : std::min<int64_t>(p.n, 8))
-                         : p.groups * ceil_div(depth, 3) >= 16 ? 1
-                                                               : std::min<int64_t>(p.n, 4);
+  // Image splits: a function of the shapes only, so the sums do not depend on the threads. A
+  // job reads its images' G once for all its depth rows, so the work is split by images first
+  // (G read once in all) and by bands of depth rows only when there are too few image jobs.
+  const int64_t splits = p.groups >= 8 ? 1 : std::min<int64_t>(p.n, 8);
   const int64_t wanted = 4 * at::get_num_threads();
   const int64_t bands_wanted = computed ? 1 : ceil_div(wanted, splits * p.groups);
   // Bands of whole panels of k.nr depth rows (the kernel's tile width).
-  const int64_t band = std::clamp<int64_t>(ceil_div(ceil_div(depth, bands_wanted), k.nr) * k.nr,
-                                           k.nr, k.max_weight_grad_rows);
+  const int64_t band = ceil_div(ceil_div(depth, bands_wanted), k.nr) * k.nr;
   const int64_t bands = ceil_div(depth, band);
+  // The direct kernel: G transposed once into panels of k.nr channels per (image, group), the
+  // input zero-padded, both read in place by every job.
+  const bool direct = use_direct_weight_grad(k, p, computed);
+  const int64_t panels = ceil_div(kg, k.nr), gt_image = p.groups * panels * row_len * k.nr;
+  ScratchBuffer<T> gt(ScratchSlot::kConvGradT, direct ? p.n * gt_image : 0);
+  const int64_t hp = p.h + p.pad_top + p.pad_bottom, wp = p.w + p.pad_left + p.pad_right;
+  const ScratchBuffer<T> padded =
+      direct ? pad_images(ScratchSlot::kConvPaddedInput, input.data_ptr<T>(), strides4(input), p.n,
+                          p.c, p.h, p.w, p.pad_top, p.pad_bottom, p.pad_left, p.pad_right, 0)
+             : ScratchBuffer<T>(ScratchSlot::kConvPaddedInput, 0);
+  const std::vector<int64_t> offsets =
+      direct ? window_offsets(cg, p.r, p.s, hp, wp, p.dil_h, p.dil_w) : std::vector<int64_t>();
+  if (direct) {
+    at::parallel_for(0, p.n * p.groups, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        k.transpose_g(g + i * kg * row_len, kg, row_len, row_len,
+                      gt.data() + i * panels * row_len * k.nr, row_len * k.nr);
+      }
+    });
+  }
   at::Tensor partial =
       splits == 1 ? grad_weight : at::empty({splits, p.k, depth}, grad_weight.options());
   T* dw = partial.data_ptr<T>();
@@ -580,6 +612,27 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
         const int64_t b = item % bands, grp = (item / bands) % p.groups;
         const int64_t split = item / (bands * p.groups);
         const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
+        if (direct) {
+          const DirectWeightGradJob<T> job{
+              gt.data() + (n0 * p.groups + grp) * panels * row_len * k.nr,
+              row_len * k.nr,
+              gt_image,
+              kg,
+              padded.data() + (n0 * p.c + grp * cg) * hp * wp,
+              offsets.data(),
+              p.c * hp * wp,
+              p.stride_h * wp,
+              p.stride_w,
+              p.oh,
+              p.ow,
+              n1 - n0,
+              b * band,
+              std::min(depth, (b + 1) * band),
+              dw + (split * p.k + grp * kg) * depth,
+              depth};
+          k.direct_weight_grad(job);
+          return;
+        }
         WeightGradJob<T> job{};
         if (computed) {
           job.source = grad_source<T>(

@@ -14,15 +14,22 @@
 //   a row's short last tile full width instead, starting earlier in the row): the output is
 //   written once per depth block, and for depth <= kKc exactly once. identity, relu and
 //   leaky_relu are vector code; the other activations run element-wise on the stored tile.
-// Weight gradient. Outer products summed over pixels: kMr channels of G (read in place,
-//   zero-padded rows, one broadcast each) times kNr depth rows of X (two vector loads), X rows
-//   gathered into chunks of up to kPc pixels (several small images, or part of a large one)
-//   and transposed into panels of kNr depth rows ([pixel][kNr]); the 2 * kMr vector
-//   accumulators stay in registers over a whole chunk, in memory between chunks.
-//   Each job owns a band of depth rows, so no reduction between threads is needed. Without an
-//   input gradient, G is not kept in memory: the job computes it from grad_output and the
-//   activation's saved tensor (with the bias gradient's sums) in blocks of up to 2048 pixels
-//   that stay in L2, just before their chunks are gathered.
+// Weight gradient, two kernels. Both sum outer products over pixels with 2 * kMr vector
+//   accumulators held in registers over a whole chunk of pixels (in memory between chunks).
+//   direct_weight_grad (channels that fill the vectors, G in memory): kMr depth rows of X read
+//   in place from the zero-padded input (one broadcast each, any stride and dilation) times
+//   kNr channels of G^T (two vector loads), G having been transposed once per call into
+//   panels of kNr channels ([pixel][kNr]); chunks are whole output rows of one image, about
+//   kPc pixels, whose G^T panel stays in L1 while every block of depth rows runs over it.
+//   weight_grad (otherwise): kMr channels of G (read in place, zero-padded rows, one broadcast
+//   each) times kNr depth rows of X (two vector loads), X rows gathered into chunks of up to
+//   kPc pixels (several small images, or part of a large one), kMaxWgRows rows at a time, and
+//   transposed into panels of kNr depth rows ([pixel][kNr]). Without an input gradient, G is
+//   not kept in memory: the job computes it from grad_output and the activation's saved tensor
+//   (with the bias gradient's sums) in blocks of up to 2048 pixels that stay in L2, just
+//   before their chunks are gathered.
+//   Each job owns some images and a band of depth rows; the caller adds the images' partial
+//   sums in a fixed order.
 // Numerics. Accumulation in T (float or double), fused multiply-add where the ISA has it (avx2,
 //   avx512), separate multiply and add in the base path. The depth sum of one output runs in
 //   depth order, the pixel sum of one weight-gradient element in pixel order (one chain), and
@@ -181,12 +188,12 @@ T lane_sum(typename Simd<T>::V v) {
 // ---------------------------------------------------------------------------------------------
 // Blocking
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kMr = 6;                     // rows of A per micro-tile
-constexpr int64_t kKc = 128;                   // depth rows per block
-constexpr int64_t kPanels = 8;                 // B panels per pixel block
-constexpr int64_t kPc = 256;                   // pixels per weight-gradient chunk
-constexpr int64_t kMaxWgRows = 64;             // depth rows per weight-gradient job (whole panels)
-constexpr int64_t kGradBlockPixels = 8 * kPc;  // most pixels of G computed at a time
+constexpr int64_t kMr = 6;                       // rows of A per micro-tile
+constexpr int64_t kKc = 128;                     // depth rows per block
+constexpr int64_t kPanels = 8;                   // B panels per pixel block
+constexpr int64_t kPc = 256;                     // pixels per weight-gradient chunk
+constexpr int64_t kMaxWgRows = 64;               // depth rows gathered at a time (whole panels)
+constexpr int64_t kGradBlockPixels = 8 * kPc;    // most pixels of G computed at a time
 constexpr int64_t kGradBlockElements = 1 << 16;  // most elements of G computed at a time
 
 template <typename T>
@@ -714,7 +721,7 @@ void transpose_panels(const T* rows, int64_t count, int64_t ld, int64_t width, T
   for (int64_t pn = 0; pn * nr < count; ++pn) {
     T* panel = xt + pn * ld_xt;
     int64_t r = 0;
-#if defined(MTLCORE_ISA_AVX2)
+#if defined(MTLCORE_ISA_AVX2) || defined(MTLCORE_ISA_AVX512)
     if constexpr (std::is_same_v<T, float>) {
       // 8 x 8 blocks through registers.
       for (; r + 8 <= nr && pn * nr + r + 8 <= count; r += 8) {
@@ -755,6 +762,37 @@ void transpose_panels(const T* rows, int64_t count, int64_t ld, int64_t width, T
   }
 }
 
+// The weight-gradient kernels' register tile: MI x kNr accumulators (two vectors per row)
+// loaded from acc (rows ld_acc apart), body(c) run on them, stored back.
+template <int MI, typename T, typename Body>
+inline void accumulator_tile(T* acc, int64_t ld_acc, const Body& body) {
+  using S = Simd<T>;
+  typename S::V c[MI][2];
+  for (int i = 0; i < MI; ++i) {
+    c[i][0] = S::load(acc + i * ld_acc);
+    c[i][1] = S::load(acc + i * ld_acc + S::kLanes);
+  }
+  body(c);
+  for (int i = 0; i < MI; ++i) {
+    S::store(acc + i * ld_acc, c[i][0]);
+    S::store(acc + i * ld_acc + S::kLanes, c[i][1]);
+  }
+}
+
+// c[i] += a(i) * b[0, kNr) for i < MI (one broadcast of a(i), two vector loads of b).
+template <int MI, typename T, typename A>
+inline void outer_step(typename Simd<T>::V (&c)[MI][2], const T* __restrict b, const A& a) {
+  using S = Simd<T>;
+  const typename S::V b0 = S::load(b);
+  const typename S::V b1 = S::load(b + S::kLanes);
+#pragma GCC unroll 8
+  for (int i = 0; i < MI; ++i) {
+    const typename S::V ai = S::broadcast(a(i));
+    c[i][0] = S::fma(ai, b0, c[i][0]);
+    c[i][1] = S::fma(ai, b1, c[i][1]);
+  }
+}
+
 // Outer products over the segments of a chunk: acc[i][v * kLanes + lane] += sum over the
 // segments' pixels t of g[(k0 + i) * g_ld + t] * xt[t * kNr + v * kLanes + lane], for i < MI
 // channels of G (broadcast) and the kNr depth rows of one transposed X panel (two vectors).
@@ -763,34 +801,17 @@ void transpose_panels(const T* rows, int64_t count, int64_t ld, int64_t width, T
 template <int MI, typename T>
 void outer_tile(const WgSegment<T>* segments, int64_t count, int64_t g_ld, int64_t k0,
                 const T* __restrict xt, T* acc, int64_t ld_acc) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  constexpr int L = S::kLanes;
   constexpr int64_t nr = kNr<T>;
-  V c[MI][2];
-  for (int i = 0; i < MI; ++i) {
-    c[i][0] = S::load(acc + i * ld_acc);
-    c[i][1] = S::load(acc + i * ld_acc + L);
-  }
-  for (int64_t seg = 0; seg < count; ++seg) {
-    const T* __restrict a = segments[seg].g + k0 * g_ld;
-    const T* __restrict b = xt + segments[seg].col * nr;
-    const int64_t len = segments[seg].len;
-    for (int64_t t = 0; t < len; ++t) {
-      const V b0 = S::load(b + t * nr);
-      const V b1 = S::load(b + t * nr + L);
-#pragma GCC unroll 8
-      for (int i = 0; i < MI; ++i) {
-        const V ai = S::broadcast(a[i * g_ld + t]);
-        c[i][0] = S::fma(ai, b0, c[i][0]);
-        c[i][1] = S::fma(ai, b1, c[i][1]);
+  accumulator_tile<MI, T>(acc, ld_acc, [&](typename Simd<T>::V(&c)[MI][2]) {
+    for (int64_t seg = 0; seg < count; ++seg) {
+      const T* __restrict a = segments[seg].g + k0 * g_ld;
+      const T* __restrict b = xt + segments[seg].col * nr;
+      const int64_t len = segments[seg].len;
+      for (int64_t t = 0; t < len; ++t) {
+        outer_step<MI, T>(c, b + t * nr, [&](int i) { return a[i * g_ld + t]; });
       }
     }
-  }
-  for (int i = 0; i < MI; ++i) {
-    S::store(acc + i * ld_acc, c[i][0]);
-    S::store(acc + i * ld_acc + L, c[i][1]);
-  }
+  });
 }
 
 // c[a][b] (row stride ld_c) += sum over the segments' pixels t of A[a][t] * bt[t][b] for
@@ -821,6 +842,9 @@ void outer_products(const WgSegment<T>* segments, int64_t count, int64_t a_ld, i
 // dW[k][d] = sum over pixels of G[k][p] X[d][p]. Either G broadcast and X transposed (tiles of
 // kMr channels x kNr depth rows), or, when that computes fewer padding rows (e.g. 32 channels
 // and 11 depth rows: 32 x 16 against 32 x 11), X broadcast and G transposed (dW^T tiles).
+// The job's depth rows go through the workspace kMaxWgRows at a time: a chunk of G (and its
+// transpose) stays in cache while every sub-band of X is gathered against it, so G is read
+// from memory once per job whatever the number of depth rows.
 template <typename T>
 void weight_grad(const WeightGradJob<T>& job, T* workspace) {
   constexpr int64_t L = Simd<T>::kLanes, nr = kNr<T>;
@@ -834,7 +858,8 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
       computed ? std::clamp<int64_t>(kGradBlockElements / m / kPc * kPc, kPc, kGradBlockPixels)
                : job.pixels;
   const int64_t g_ld = computed ? block : job.g_ld;
-  // (The workspace holds transposed panels of at most kMaxWgRows rows, so G's m rows must fit.)
+  // (The workspace holds transposed panels of at most kMaxWgRows rows, so G's m rows must fit.
+  // Sub-bands are whole panels but the last, so rows_pad also counts the padding of both.)
   const bool swapped = m <= kMaxWgRows && m_pad * rows < rows_pad * m;
   // Accumulators: [k][d] (row stride rows_pad), or [d][k] (row stride m_pad) when swapped.
   std::vector<T> acc(swapped ? rows * m_pad : m * rows_pad, T(0));
@@ -844,24 +869,40 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
   constexpr int64_t kMaxSegments = kPc / L;
   WgSegment<T> segments[kMaxSegments];  // G rows of the chunk's images
   WgSegment<T> x_rows[kMaxSegments];    // X rows of the same pixels, in the workspace
+  struct Pixels {
+    int64_t image, p0, count;
+  } pixels_of[kMaxSegments];  // which pixels each segment holds
   int64_t count = 0, width = 0;
   const auto flush = [&] {
     if (swapped) {
       for (int64_t i = 0; i < count; ++i) {
         transpose_panels(segments[i].g, m, g_ld, segments[i].len, bt + segments[i].col * nr,
                          kPc * nr);
-        x_rows[i] = {workspace + segments[i].col, segments[i].col, segments[i].len};
       }
-      outer_products(x_rows, count, kPc, rows, bt, m_pad / nr, acc.data(), m_pad);
-    } else {
-      transpose_panels(workspace, rows, kPc, width, bt, kPc * nr);
-      outer_products(segments, count, g_ld, m, bt, rows_pad / nr, acc.data(), rows_pad);
+    }
+    for (int64_t s0 = 0; s0 < rows; s0 += kMaxWgRows) {
+      const int64_t sub = std::min(kMaxWgRows, rows - s0);
+      for (int64_t i = 0; i < count; ++i) {
+        Gather<T> x = job.x;
+        x.src += pixels_of[i].image * job.x_image_stride;
+        const int64_t p0 = pixels_of[i].p0;
+        pack_b(x, job.d_begin + s0, sub, p0, p0 + pixels_of[i].count, kPc, 0, segments[i].len,
+               workspace + segments[i].col);
+      }
+      if (swapped) {
+        for (int64_t i = 0; i < count; ++i) {
+          x_rows[i] = {workspace + segments[i].col, segments[i].col, segments[i].len};
+        }
+        outer_products(x_rows, count, kPc, sub, bt, m_pad / nr, acc.data() + s0 * m_pad, m_pad);
+      } else {
+        transpose_panels(workspace, sub, kPc, width, bt, kPc * nr);
+        outer_products(segments, count, g_ld, m, bt, round_up(sub, nr) / nr, acc.data() + s0,
+                       rows_pad);
+      }
     }
     count = width = 0;
   };
   for (int64_t n = 0; n < job.num_images; ++n) {
-    Gather<T> x = job.x;
-    x.src += n * job.x_image_stride;
     for (int64_t q0 = 0; q0 < job.pixels; q0 += block) {
       const int64_t q1 = std::min(job.pixels, q0 + block);
       const T* g = computed ? job.g_block : job.g + n * job.g_image_stride + q0;  // pixel q0
@@ -873,7 +914,7 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
         const int64_t pixels = std::min(kPc, q1 - p0);
         const int64_t len = round_up(pixels, L);
         if (width + len > kPc) flush();
-        pack_b(x, job.d_begin, rows, p0, p0 + pixels, kPc, 0, len, workspace + width);
+        pixels_of[count] = {n, p0, pixels};
         segments[count++] = {g + (p0 - q0), width, len};
         width += len;
       }
@@ -885,6 +926,69 @@ void weight_grad(const WeightGradJob<T>& job, T* workspace) {
     for (int64_t d = 0; d < rows; ++d) {
       dw[k * job.dw_ld + d] = swapped ? acc[d * m_pad + k] : acc[k * rows_pad + d];
     }
+  }
+}
+
+// dW^T tile of MI depth rows x kNr channels: acc[i][v * kLanes + lane] += sum over the output
+// rows y < ys and columns x < out_w of X[i] (a[i][y * row_step + x * col_step], broadcast) times
+// G^T[pixel][v * kLanes + lane] (b, kNr per pixel, pixels row after row). The accumulators
+// live in registers over all ys * out_w pixels.
+template <int MI, typename T>
+void direct_wg_tile(const T* const* rows, int64_t ys, int64_t row_step, int64_t col_step,
+                    int64_t out_w, const T* __restrict b, T* acc, int64_t ld_acc) {
+  constexpr int64_t nr = kNr<T>;
+  const T* a[MI];
+  for (int i = 0; i < MI; ++i) a[i] = rows[i];
+  accumulator_tile<MI, T>(acc, ld_acc, [&](typename Simd<T>::V(&c)[MI][2]) {
+    for (int64_t y = 0; y < ys; ++y) {
+      const int64_t base = y * row_step;
+      for (int64_t x = 0; x < out_w; ++x, b += nr) {
+        const int64_t at = base + x * col_step;
+        outer_step<MI, T>(c, b, [&](int i) { return a[i][at]; });
+      }
+    }
+  });
+}
+
+// dW[k][d] = sum over pixels of X[d][p] G^T[p][k], X read in place from the padded images and
+// G^T in panels of kNr channels: no gathering or transposing per job. Chunks of whole output
+// rows (about kPc pixels) of one image: each channel panel's chunk of G^T stays in L1 while
+// every block of depth rows runs over it.
+template <typename T>
+void direct_weight_grad(const DirectWeightGradJob<T>& job) {
+  constexpr int64_t nr = kNr<T>;
+  static_assert(kMr == 6, "one direct_wg_tile per block height 1..kMr");
+  constexpr decltype(&direct_wg_tile<1, T>) kTiles[] = {
+      &direct_wg_tile<1, T>, &direct_wg_tile<2, T>, &direct_wg_tile<3, T>,
+      &direct_wg_tile<4, T>, &direct_wg_tile<5, T>, &direct_wg_tile<6, T>};
+  const int64_t rows = job.d_end - job.d_begin, m = job.m;
+  const int64_t m_pad = round_up(m, nr), panels = m_pad / nr;
+  const int64_t blocks = (rows + kMr - 1) / kMr;
+  std::vector<T> acc(rows * m_pad, T(0));  // [d][k]
+  const int64_t chunk_rows = std::max<int64_t>(1, kPc / job.out_w);
+  const T* a[kMr];
+  for (int64_t n = 0; n < job.num_images; ++n) {
+    const T* src = job.src + n * job.src_image;
+    const T* gt = job.gt + n * job.gt_image;
+    for (int64_t y0 = 0; y0 < job.out_h; y0 += chunk_rows) {
+      const int64_t ys = std::min(chunk_rows, job.out_h - y0);
+      for (int64_t j = 0; j < panels; ++j) {
+        const T* b = gt + j * job.gt_panel + y0 * job.out_w * nr;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t i0 = balanced_start(rows, blocks, blk);
+          const int64_t i1 = balanced_start(rows, blocks, blk + 1);
+          for (int64_t i = i0; i < i1; ++i) {
+            a[i - i0] = src + job.offsets[job.d_begin + i] + y0 * job.row_step;
+          }
+          kTiles[i1 - i0 - 1](a, ys, job.row_step, job.col_step, job.out_w, b,
+                              acc.data() + i0 * m_pad + j * nr, m_pad);
+        }
+      }
+    }
+  }
+  T* dw = job.dw + job.d_begin;
+  for (int64_t k = 0; k < m; ++k) {
+    for (int64_t d = 0; d < rows; ++d) dw[k * job.dw_ld + d] = acc[d * m_pad + k];
   }
 }
 
@@ -942,6 +1046,8 @@ constexpr ConvKernels<T> make_kernels() {
           &direct_gemm<T>,
           &channel_gemm<T>,
           &weight_grad<T>,
+          &direct_weight_grad<T>,
+          &transpose_panels<T>,
           &col2im<T>,
           &grad_block<T>};
 }

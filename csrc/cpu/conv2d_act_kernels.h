@@ -90,11 +90,11 @@ struct GradSource {
   double* bias;
 };
 
-// One weight-gradient job: dW[k][d] for k < m and depth rows d in [d_begin, d_end)
-// (d_end - d_begin <= max_weight_grad_rows), summed over images [0, num_images) and all their
-// pixels. G is read from g (rows zero-padded to g_ld, a multiple of the vector width) or, when
-// g is null, computed from `source` block by block into g_block (m * weight_grad_block
-// elements); dw[k * dw_ld + d] is overwritten.
+// One weight-gradient job: dW[k][d] for k < m and depth rows d in [d_begin, d_end), summed
+// over images [0, num_images) and all their pixels (X gathered max_weight_grad_rows depth rows
+// at a time against each chunk of G). G is read from g (rows zero-padded to g_ld, a multiple of the
+// vector width) or, when g is null, computed from `source` block by block into g_block (m *
+// weight_grad_block elements); dw[k * dw_ld + d] is overwritten.
 template <typename T>
 struct WeightGradJob {
   const T* g;  // image 0, first channel of the group
@@ -104,6 +104,26 @@ struct WeightGradJob {
   int64_t m;
   Gather<T> x;  // per image: x.src + image * x_image_stride
   int64_t x_image_stride;
+  int64_t num_images;
+  int64_t d_begin, d_end;
+  T* dw;
+  int64_t dw_ld;
+};
+
+// One weight-gradient job on G^T and a zero-padded input read in place (the layout of
+// DirectGemmJob: depth row d of output pixel (y, x) at src + offsets[d] + y * row_step +
+// x * col_step): dW[k][d] for k < m and depth rows d in [d_begin, d_end), summed over images
+// [0, num_images) and all their out_h * out_w pixels; dw[k * dw_ld + d] is overwritten. G^T
+// holds G transposed into panels of nr channels (transpose_g): channel j * nr + v of pixel p
+// at gt[j * gt_panel + p * nr + v], channels beyond m zero.
+template <typename T>
+struct DirectWeightGradJob {
+  const T* gt;  // image 0, first channel of the group
+  int64_t gt_panel, gt_image;
+  int64_t m;
+  const T* src;  // image 0, first channel of the group
+  const int64_t* offsets;
+  int64_t src_image, row_step, col_step, out_h, out_w;
   int64_t num_images;
   int64_t d_begin, d_end;
   T* dw;
@@ -136,7 +156,7 @@ struct ConvKernels {
   int64_t mr;                    // A row block of gemm / direct_gemm
   int64_t channel_block;         // A row block of channel_gemm (output channels per tile)
   int64_t lanes;                 // vector width in elements: G rows are padded to a multiple
-  int64_t max_weight_grad_rows;  // most depth rows one weight-gradient job may take
+  int64_t max_weight_grad_rows;  // depth rows weight_grad gathers at a time
   int64_t weight_grad_block;     // most pixels of G a weight-gradient job computes at a time
   int64_t workspace;             // elements of scratch memory one thread needs
   int64_t (*packed_a_size)(int64_t m, int64_t depth, int64_t block);
@@ -147,6 +167,11 @@ struct ConvKernels {
   void (*direct_gemm)(const DirectGemmJob<T>& job);
   void (*channel_gemm)(const DirectGemmJob<T>& job);
   void (*weight_grad)(const WeightGradJob<T>& job, T* workspace);
+  void (*direct_weight_grad)(const DirectWeightGradJob<T>& job);
+  // xt[pn * ld_xt + t * nr + r] = rows[(pn * nr + r) * ld + t] for t < width (a multiple of
+  // lanes) and every panel pn of nr rows; rows beyond `count` read as zero.
+  void (*transpose_g)(const T* rows, int64_t count, int64_t ld, int64_t width, T* xt,
+                      int64_t ld_xt);
   void (*col2im)(const Col2ImJob<T>& job);
   // G = grad_output * act'(saved) of channels [0, m) of image n at output pixels
   // [p0, p0 + pixels) (row after row) into rows of `out` (row stride ld), zero up to len; with

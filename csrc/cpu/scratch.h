@@ -30,6 +30,7 @@ enum class ScratchSlot : int {
   kConvPaddedInput = 0,  // the forward's zero-padded input copy
   kConvGrad,             // the backward's G = grad_output * act'(saved)
   kConvPaddedGrad,       // G zero-padded, for a unit-stride input gradient
+  kConvGradT,            // G transposed into channel panels, for the direct weight gradient
   kWorkerWorkspace,      // a parallel job's micro-kernel workspace
   kWorkerColumns,        // input gradient by columns: a block of columns
   kWorkerImage,          // input gradient by columns: the padded image gradient
