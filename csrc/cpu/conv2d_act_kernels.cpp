@@ -544,14 +544,20 @@ void direct_gemm(const DirectGemmJob<T>& job) {
 // channels (two vectors, A packed in blocks of kCh rows) by kPx pixels, each pixel's B value
 // broadcast from its own window (any column stride, and a tile may cross output rows), so no
 // lane is idle at any image width. Better than the pixel-vectorised kernel for narrow images
-// and deep sums; the accumulators hold the whole depth sum, and the epilogue transposes the
-// tile through L1 once.
+// and deep sums. A depth block of packed A runs over a group of tiles while it is in L1 (the
+// tiles' partial sums wait in a small buffer between blocks; before, each tile ran the whole
+// depth, streaming all of A from L2), and the epilogue transposes each tile through L1 once.
 constexpr int64_t kPx = 6;
 
+// Depth rows [d_begin, d_end) of a tile (whole depth blocks of packed A, d_end == depth or a
+// multiple of kKc): the accumulators start from zero (d_begin == 0) or from `partial`
+// (kPx x kCh), and are stored back there unless the sum is complete (d_end == depth), when the
+// epilogue writes the output.
 template <typename T, Activation A>
-void channel_tile(const T* __restrict a_packed, int64_t m_pad, int64_t depth, const T* const* bases,
-                  const int64_t* __restrict offsets, const Epilogue<T>& e, int64_t i0, int64_t rows,
-                  int64_t p, int64_t cols) {
+void channel_tile(const T* __restrict a_packed, int64_t m_pad, int64_t d_begin, int64_t d_end,
+                  int64_t depth, const T* const* bases, const int64_t* __restrict offsets,
+                  T* partial, const Epilogue<T>& e, int64_t i0, int64_t rows, int64_t p,
+                  int64_t cols) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
@@ -563,10 +569,13 @@ void channel_tile(const T* __restrict a_packed, int64_t m_pad, int64_t depth, co
   const T* b5 = bases[5];
   V acc[kPx][2];
 #pragma GCC unroll 8
-  for (int j = 0; j < kPx; ++j) acc[j][0] = acc[j][1] = S::zero();
-  // The whole depth in registers: packed A's depth blocks one after another (the next block's
-  // rows of this tile start at d0 * m_pad + i0 * kc), so the tile is stored once.
-  for (int64_t d0 = 0; d0 < depth; d0 += kKc) {
+  for (int j = 0; j < kPx; ++j) {
+    acc[j][0] = d_begin == 0 ? S::zero() : S::load(partial + j * 2 * L);
+    acc[j][1] = d_begin == 0 ? S::zero() : S::load(partial + j * 2 * L + L);
+  }
+  // Packed A's depth blocks one after another (the next block's rows of this tile start at
+  // d0 * m_pad + i0 * kc).
+  for (int64_t d0 = d_begin; d0 < d_end; d0 += kKc) {
     const int64_t kc = std::min(kKc, depth - d0);
     const T* a = a_packed + d0 * m_pad + i0 * kc;
     const int64_t* off_block = offsets + d0;
@@ -583,6 +592,14 @@ void channel_tile(const T* __restrict a_packed, int64_t m_pad, int64_t depth, co
       }
       a += 2 * L;
     }
+  }
+  if (d_end < depth) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kPx; ++j) {
+      S::store(partial + j * 2 * L, acc[j][0]);
+      S::store(partial + j * 2 * L + L, acc[j][1]);
+    }
+    return;
   }
   alignas(64) T tile[kPx][2 * L];
 #pragma GCC unroll 8
@@ -602,28 +619,45 @@ void channel_tile(const T* __restrict a_packed, int64_t m_pad, int64_t depth, co
   }
 }
 
+// Groups of up to kGroupTiles tiles of kPx pixels: each depth block of packed A (kKc x kCh,
+// 16 kB for float at AVX-512) stays in L1 while it runs over all the group's tiles, whose
+// partial sums wait in L1/L2 between depth blocks.
+constexpr int64_t kGroupTiles = 24;
+
 template <typename T, Activation A>
 void channel_gemm_impl(const DirectGemmJob<T>& job) {
   constexpr int64_t ch = kNr<T>;  // channels per micro-tile: two vectors
   const int64_t m_pad = round_up(job.m, ch);
+  alignas(64) T partial[kGroupTiles * kPx * ch];
+  const T* bases[kGroupTiles][kPx];
   int64_t y = job.p_begin / job.out_w, x = job.p_begin % job.out_w;
-  for (int64_t p = job.p_begin; p < job.p_end; p += kPx) {
-    const int64_t cols = std::min(kPx, job.p_end - p);
-    const T* bases[kPx];
-    for (int64_t j = 0; j < kPx; ++j) {
-      if (j < cols) {
-        bases[j] = job.src + y * job.row_step + x * job.col_step;
-        if (++x == job.out_w) {
-          x = 0;
-          ++y;
+  for (int64_t p0 = job.p_begin; p0 < job.p_end; p0 += kGroupTiles * kPx) {
+    const int64_t p1 = std::min(job.p_end, p0 + kGroupTiles * kPx);
+    const int64_t tiles = (p1 - p0 + kPx - 1) / kPx;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t cols = std::min(kPx, p1 - p0 - t * kPx);
+      for (int64_t j = 0; j < kPx; ++j) {
+        if (j < cols) {
+          bases[t][j] = job.src + y * job.row_step + x * job.col_step;
+          if (++x == job.out_w) {
+            x = 0;
+            ++y;
+          }
+        } else {
+          bases[t][j] = bases[t][0];  // a valid address; the column is not stored
         }
-      } else {
-        bases[j] = bases[0];  // a valid address; the column is not stored
       }
     }
     for (int64_t i0 = 0; i0 < job.m; i0 += ch) {
-      channel_tile<T, A>(job.a_packed, m_pad, job.depth, bases, job.offsets, job.epilogue, i0,
-                         std::min(ch, job.m - i0), p, cols);
+      for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
+        const int64_t d1 = std::min(job.depth, d0 + kKc);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t p = p0 + t * kPx;
+          channel_tile<T, A>(job.a_packed, m_pad, d0, d1, job.depth, bases[t], job.offsets,
+                             partial + t * kPx * ch, job.epilogue, i0, std::min(ch, job.m - i0), p,
+                             std::min(kPx, p1 - p));
+        }
+      }
     }
   }
 }
