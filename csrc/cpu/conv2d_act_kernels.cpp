@@ -601,20 +601,37 @@ void channel_tile(const T* __restrict a_packed, int64_t m_pad, int64_t d_begin, 
     }
     return;
   }
+  // Bias and (for identity, relu, leaky_relu) the activation in registers, then the tile is
+  // transposed through L1 into the output rows.
+  V bias0 = S::zero(), bias1 = S::zero();
+  if (e.bias != nullptr) {
+    bias0 = S::load_first(e.bias + i0, static_cast<int>(std::min<int64_t>(rows, L)));
+    if (rows > L) bias1 = S::load_first(e.bias + i0 + L, static_cast<int>(rows - L));
+  }
+  const V slope = S::broadcast(e.negative_slope);
   alignas(64) T tile[kPx][2 * L];
+  alignas(64) T pre_tile[kPx][2 * L];
 #pragma GCC unroll 8
   for (int j = 0; j < kPx; ++j) {
-    S::store(tile[j], acc[j][0]);
-    S::store(tile[j] + L, acc[j][1]);
+    const V z0 = S::add(acc[j][0], bias0), z1 = S::add(acc[j][1], bias1);
+    S::store(pre_tile[j], z0);
+    S::store(pre_tile[j] + L, z1);
+    if constexpr (kVectorActivation<A>) {
+      S::store(tile[j], vector_activation<T, A>(z0, slope));
+      S::store(tile[j] + L, vector_activation<T, A>(z1, slope));
+    }
   }
   for (int64_t i = 0; i < rows; ++i) {
     T* o = e.out + (i0 + i) * e.ld + p;
-    const T bias = e.bias != nullptr ? e.bias[i0 + i] : T(0);
-    T* pre = e.preact != nullptr ? e.preact + (i0 + i) * e.ld + p : nullptr;
-    for (int64_t j = 0; j < cols; ++j) {
-      const T z = tile[j][i] + bias;
-      if (pre != nullptr) pre[j] = z;
-      o[j] = act::forward<A, T>(z, e.negative_slope);
+    if (e.preact != nullptr) {
+      T* pre = e.preact + (i0 + i) * e.ld + p;
+      for (int64_t j = 0; j < cols; ++j) pre[j] = pre_tile[j][i];
+    }
+    if constexpr (kVectorActivation<A>) {
+      for (int64_t j = 0; j < cols; ++j) o[j] = tile[j][i];
+    } else {
+      for (int64_t j = 0; j < cols; ++j)
+        o[j] = act::forward<A, T>(pre_tile[j][i], e.negative_slope);
     }
   }
 }
