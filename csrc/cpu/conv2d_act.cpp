@@ -573,8 +573,8 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   // The direct kernel: G transposed once into panels of k.nr channels per (image, group), the
   // input zero-padded, both read in place by every job.
   const bool direct = use_direct_weight_grad(k, p, computed);
-  const int64_t panels = ceil_div(kg, k.nr), gt_image = p.groups * panels * row_len * k.nr;
-  ScratchBuffer<T> gt(ScratchSlot::kConvGradT, direct ? p.n * gt_image : 0);
+  const int64_t gt_group = ceil_div(kg, k.nr) * k.nr * row_len, gt_image = p.groups * gt_group;
+  const ScratchBuffer<T> gt(ScratchSlot::kConvGradT, direct ? p.n * gt_image : 0);
   const int64_t hp = p.h + p.pad_top + p.pad_bottom, wp = p.w + p.pad_left + p.pad_right;
   const ScratchBuffer<T> padded =
       direct ? pad_images(ScratchSlot::kConvPaddedInput, input.data_ptr<T>(), strides4(input), p.n,
@@ -585,8 +585,8 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   if (direct) {
     at::parallel_for(0, p.n * p.groups, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        k.transpose_g(g + i * kg * row_len, kg, row_len, row_len,
-                      gt.data() + i * panels * row_len * k.nr, row_len * k.nr);
+        k.transpose_g(g + i * kg * row_len, kg, row_len, row_len, gt.data() + i * gt_group,
+                      row_len * k.nr);
       }
     });
   }
@@ -602,10 +602,12 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   for_each_job(
       splits * p.groups * bands,
       [&] {
-        Workspace ws{ScratchBuffer<T>(ScratchSlot::kWorkerWorkspace, k.workspace),
+        // (The direct kernel needs no workspace.)
+        const int64_t size = direct ? 0 : k.workspace;
+        Workspace ws{ScratchBuffer<T>(ScratchSlot::kWorkerWorkspace, size),
                      ScratchBuffer<T>(ScratchSlot::kWorkerGradBlock,
                                       computed ? kg * k.weight_grad_block : 0)};
-        std::fill(ws.gemm.data(), ws.gemm.data() + k.workspace, T(0));
+        std::fill(ws.gemm.data(), ws.gemm.data() + size, T(0));
         return ws;
       },
       [&](int64_t item, const Workspace& ws) {
@@ -613,23 +615,22 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
         const int64_t split = item / (bands * p.groups);
         const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
         if (direct) {
-          const DirectWeightGradJob<T> job{
-              gt.data() + (n0 * p.groups + grp) * panels * row_len * k.nr,
-              row_len * k.nr,
-              gt_image,
-              kg,
-              padded.data() + (n0 * p.c + grp * cg) * hp * wp,
-              offsets.data(),
-              p.c * hp * wp,
-              p.stride_h * wp,
-              p.stride_w,
-              p.oh,
-              p.ow,
-              n1 - n0,
-              b * band,
-              std::min(depth, (b + 1) * band),
-              dw + (split * p.k + grp * kg) * depth,
-              depth};
+          const DirectWeightGradJob<T> job{gt.data() + (n0 * p.groups + grp) * gt_group,
+                                           row_len * k.nr,
+                                           gt_image,
+                                           kg,
+                                           padded.data() + (n0 * p.c + grp * cg) * hp * wp,
+                                           offsets.data(),
+                                           p.c * hp * wp,
+                                           p.stride_h * wp,
+                                           p.stride_w,
+                                           p.oh,
+                                           p.ow,
+                                           n1 - n0,
+                                           b * band,
+                                           std::min(depth, (b + 1) * band),
+                                           dw + (split * p.k + grp * kg) * depth,
+                                           depth};
           k.direct_weight_grad(job);
           return;
         }
