@@ -288,6 +288,23 @@ def test_gradcheck_float64(device, activation):
         assert torch.autograd.gradcheck(f, args)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gradcheck_float64_wide_layer(device, groups):
+    """16 output channels per group fill the float64 vectors of every ISA, so the CPU weight
+    gradient takes its direct kernel (G transposed into channel panels, X read in place)."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 2 * groups, 5, 6, generator=gen, dtype=torch.float64).to(device)
+    weight = torch.randn(16 * groups, 2, 3, 3, generator=gen, dtype=torch.float64).to(device)
+    bias = torch.randn(16 * groups, generator=gen, dtype=torch.float64).to(device)
+    args = [t.requires_grad_() for t in (x, weight, bias)]
+    stride, padding, dilation = (1, 1, 1) if groups == 1 else ((2, 1), 2, (1, 2))
+
+    def f(x, w, b):
+        return ops.conv2d_act(x, w, b, stride, padding, dilation, groups, "silu")
+
+    assert torch.autograd.gradcheck(f, args)
+
+
 def test_negative_leaky_slope_saves_the_preactivation(device):
     """With a negative slope the output no longer tells the sign of z; the op keeps z."""
     gen = torch.Generator().manual_seed(4)
