@@ -20,22 +20,19 @@
 #include <vector>
 
 #include "cuda/max_pool2d_elements.cuh"
+#include "host_check.h"
 
 using mtlcore::cuda::max_pool2d_backward_element;
 using mtlcore::cuda::max_pool2d_element;
 using mtlcore::cuda::PoolShape;
 using mtlcore::cuda::View4;
 
+using host_check::fail;
+
 namespace {
 
 constexpr int kGuard = 8;           // elements after each buffer, never to be written
 constexpr double kSentinel = 99.0;  // their value
-
-struct Failure {
-  std::string what;
-};
-
-[[noreturn]] void fail(const std::string& what) { throw Failure{what}; }
 
 // torch's pooling_output_shape.
 int pooled_size(int in, int k, int stride, int pad, int dil, bool ceil_mode) {
@@ -192,17 +189,11 @@ void run_all(std::mt19937& rng, const char* name) {
 }  // namespace
 
 int main() {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::mt19937 rng(20261130);
-  try {
+  return host_check::run_checks("max_pool2d", [&] {
     run_all<float>(rng, "float");
     run_all<double>(rng, "double");
     run_all<c10::Half>(rng, "half");
     run_all<c10::BFloat16>(rng, "bfloat16");
-  } catch (const Failure& f) {
-    std::printf("FAILED: %s\n", f.what.c_str());
-    return 1;
-  }
-  std::printf("max_pool2d host: ok\n");
-  return 0;
+  });
 }

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cuda/multi_tensor_apply.cuh"
+#include "host_check.h"
 
 using mtlcore::cuda::kMtaChunk;
 using mtlcore::cuda::kMtaMaxBlocks;
@@ -30,6 +31,8 @@ using mtlcore::cuda::mta_pack;
 using mtlcore::cuda::MtaChunk;
 using mtlcore::cuda::MtaMeta;
 using mtlcore::cuda::MtaTensor;
+
+using host_check::fail;
 
 namespace {
 
@@ -54,12 +57,6 @@ struct CountOp {
 
 float value0(int64_t i) { return static_cast<float>(i % 61); }
 float value1(int64_t i) { return static_cast<float>(i % 7); }
-
-struct Failure {
-  std::string what;
-};
-
-[[noreturn]] void fail(const std::string& what) { throw Failure{what}; }
 
 template <typename scalar_t, int D>
 void run_config(std::mt19937_64& rng, int groups, int64_t max_blocks, const char* name) {
@@ -173,19 +170,13 @@ void run_all(std::mt19937_64& rng, const char* name) {
 }  // namespace
 
 int main() {
-  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines already printed survive a crash
   std::mt19937_64 rng(20261130);
-  try {
+  return host_check::run_checks("mta", [&] {
     run_all<float, 2>(rng, "float");
     run_all<float, 5>(rng, "float");
     run_all<double, 3>(rng, "double");
     run_all<double, 5>(rng, "double");
     run_all<c10::Half, 4>(rng, "half");
     run_all<c10::BFloat16, 3>(rng, "bfloat16");
-  } catch (const Failure& f) {
-    std::printf("FAILED: %s\n", f.what.c_str());
-    return 1;
-  }
-  std::printf("mta host: ok\n");
-  return 0;
+  });
 }
