@@ -227,6 +227,37 @@ def test_weight_gradient_without_the_input_gradient(device, activation):
                 assert_close(a, b, rtol=rtol, what=f"{what} grad_{name}")
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradients_from_g_in_the_padded_layout(device, activation):
+    """Unit-stride layers whose input gradient is a direct convolution of G and whose output
+    channels fill the vectors: the CPU's first backward pass writes G straight into the
+    zero-padded layout that the input gradient reads in place, and the weight gradient
+    transposes it from there row by row. Every layout of grad_output, the input gradient alone,
+    with the weight gradient, and with the bias gradient too, against the reference."""
+    gen = torch.Generator().manual_seed(zlib.crc32(b"padded G " + activation.encode()))
+    for n, c, h, w, k, conv in [
+        (3, 8, 7, 9, 32, {"padding": 1}),
+        (2, 6, 9, 8, 64, {"padding": "same", "dilation": 2, "groups": 2}),
+        (1, 5, 6, 7, 32, {"padding": (0, 1)}),  # one image: direct despite the wide border
+    ]:
+        x = torch.randn(n, c, h, w, generator=gen).to(device)
+        groups = conv.get("groups", 1)
+        weight = (torch.randn(k, c // groups, 3, 3, generator=gen) / (c * 9) ** 0.5).to(device)
+        bias = torch.randn(k, generator=gen).to(device)
+        for count in (1, 2, 3):  # x; x and weight; x, weight and bias
+            wanted = [t.detach().requires_grad_() for t in (x, weight, bias)[:count]]
+            args = [*wanted, *(x, weight, bias)[count:]]
+            out = ops.conv2d_act(*args, **conv, activation=activation, negative_slope=SLOPE)
+            ref = reference.conv2d_act(*args, **conv, activation=activation, negative_slope=SLOPE)
+            for kind, grad in grad_layouts(out.shape, gen, device):
+                got = torch.autograd.grad(out, wanted, grad, retain_graph=True)
+                want = torch.autograd.grad(ref, wanted, grad, retain_graph=True)
+                for name, a, b in zip(("input", "weight", "bias"), got, want, strict=False):
+                    rtol = 2e-3 if activation in ("relu", "leaky_relu") else 1e-4
+                    what = f"{activation} N={n} C={c} K={k} {conv} {count} grads, {kind} grad"
+                    assert_close(a, b, rtol=rtol, what=f"{what}: grad_{name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weight_gradient_of_wide_layers(device, dtype):
     """Layers with 32 or 64 output channels per group, which fill whole vectors of G^T on every

@@ -20,7 +20,10 @@
 //     four jobs per thread when the problem allows; every output element is computed by one
 //     job, so the result does not depend on the thread count;
 //   first backward pass: one job per (image, channel) plane: g = grad_output * act'(saved) in
-//     a zero-padded row layout, and the plane's bias-gradient sum (in double); planes are then
+//     a zero-padded row layout (or, when the input gradient is a direct convolution of G and
+//     the weight gradient can take G transposed, straight into the zero-padded image layout
+//     that the input gradient reads in place: GradInMemory), and the plane's bias-gradient
+//     sum (in double); planes are then
 //     summed per channel in image order;
 //   grad_weight: jobs = (image split, group, band of depth rows). The image splits depend
 //     only on the shapes (up to 8; 1 with 8 groups or more) and their partial sums are added
@@ -38,14 +41,15 @@
 // Memory. The forward keeps nothing besides its outputs; while it runs it uses the padded
 //   input copy. The backward uses G (the size of grad_output, rows padded to the vector
 //   width; without an input gradient, one block of G per thread instead: at most 2048 pixels
-//   of every channel of a group, 256 kB for 32 channels), a padded copy of G for a unit-stride
-//   input gradient, the weights rearranged and packed, and one small workspace per thread (by
-//   columns: a block of columns, at most about 256 kB, and the padded image); grad_weight adds
-//   partial sums of up to 8 weight-sized buffers and, on the direct path, G^T (G's size, the
-//   channels rounded up to the vector panels) and a zero-padded input copy. The padded copies, G
-//   and the workspaces are scratch memory that the thread keeps for the next call (cpu/scratch.h:
-//   no page faults on every call; at most 256 MB per buffer is kept). bench/bench_conv.py measures
-//   the peak against eager.
+//   of every channel of a group, 256 kB for 32 channels; in the padded image layout, the
+//   size of the input gradient's padded image), a padded copy of G for a unit-stride input
+//   gradient when G is in rows, the weights rearranged and packed, and one small workspace per
+//   thread (by columns: a block of columns, at most about 256 kB, and the padded image);
+//   grad_weight adds partial sums of up to 8 weight-sized buffers and, on the direct path, G^T (G's
+//   size, the channels rounded up to the vector panels) and a zero-padded input copy. The padded
+//   copies, G and the workspaces are scratch memory that the thread keeps for the next call
+//   (cpu/scratch.h: no page faults on every call; at most 256 MB per buffer is kept).
+//   bench/bench_conv.py measures the peak against eager.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -330,18 +334,44 @@ GradSource<T> grad_source(const Conv2dParams& p, const at::Tensor& grad_out,
           bias};
 }
 
-// G as [N, K, row_len] (zero beyond oh * ow) and, unless db is null, the bias gradient db[K]
-// (sum of G per channel).
+// G = grad_output * act'(saved) in memory, in one of two layouts. Rows: [N, K, row_len], zero
+// beyond oh * ow. Padded (when the input gradient takes the direct path): zero-padded planes
+// [N, K, hp, wp], output pixel (y, x) at (top + y) * wp + left + x, which the input gradient
+// reads in place as its padded image (no copy of G into that layout) and the direct weight
+// gradient transposes row by row. data is null when the weight gradient computes G itself.
+template <typename T>
+struct GradInMemory {
+  T* data = nullptr;
+  int64_t row_len = 0;  // rows
+  bool padded = false;
+  int64_t top = 0, left = 0, hp = 0, wp = 0;  // padded
+  int64_t plane() const { return padded ? hp * wp : row_len; }
+};
+
+// The zero border of G for the direct input gradient (a convolution of G with the flipped
+// weights): extent - 1 - pad on each side.
+std::array<int64_t, 4> direct_grad_border(const Conv2dParams& p) {
+  const int64_t ext_h = p.dil_h * (p.r - 1), ext_w = p.dil_w * (p.s - 1);
+  return {ext_h - p.pad_top, ext_h - p.pad_bottom, ext_w - p.pad_left, ext_w - p.pad_right};
+}
+
+// Fills G (layout and buffer set in g) and, unless db is null, the bias gradient db[K] (sum of
+// G per channel).
 template <typename T>
 void activation_grad(const ConvKernels<T>& k, const Conv2dParams& p, const at::Tensor& grad_out,
-                     const at::Tensor& saved, int64_t row_len, T* g, T* db) {
+                     const at::Tensor& saved, const GradInMemory<T>& g, T* db) {
   const int64_t planes = p.n * p.k;
   std::vector<double> plane_sums(db != nullptr ? planes : 0, 0.0);
   for_each_job(planes, [&](int64_t i) {
     const int64_t n = i / p.k, c = i % p.k;
     double* sum = db != nullptr ? &plane_sums[i] : nullptr;
-    k.grad_block(grad_source<T>(p, grad_out, saved, n, c, sum), 0, 0, p.oh * p.ow, row_len, 1,
-                 g + i * row_len, row_len);
+    const GradSource<T> source = grad_source<T>(p, grad_out, saved, n, c, sum);
+    T* out = g.data + i * g.plane();
+    if (g.padded) {
+      k.grad_plane_padded(source, p.oh, g.top, g.left, g.hp, g.wp, out);
+    } else {
+      k.grad_block(source, 0, 0, p.oh * p.ow, g.row_len, 1, out, g.row_len);
+    }
   });
   if (db == nullptr) return;
   for (int64_t c = 0; c < p.k; ++c) {
@@ -433,26 +463,39 @@ void input_grad_columns(const ConvKernels<T>& k, const Conv2dParams& p, const T*
 }
 
 // grad_input = the transposed convolution of G with the weights.
-template <typename T>
-void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
-                const T* w, at::Tensor& grad_input) {
-  const int64_t kg = p.k_per_group(), cg = p.c_per_group(), rs = p.r * p.s;
-  const int64_t depth = kg * rs, pixels = p.h * p.w;
+// How the input gradient is computed.
+enum class InputGradPath { kColumns, kDirect, kGathered };
+
+InputGradPath input_grad_path(const Conv2dParams& p) {
   // With unit strides it is a plain convolution of G, zero-padded by extent - 1 - pad on each
   // side, with the weights flipped: the direct path. Otherwise (or when a pad exceeds the
   // extent) G is gathered with the exact-division mapping of the Gather description.
-  const int64_t ext_h = p.dil_h * (p.r - 1), ext_w = p.dil_w * (p.s - 1);
-  const bool direct = p.stride_h == 1 && p.stride_w == 1 && p.pad_top <= ext_h &&
-                      p.pad_bottom <= ext_h && p.pad_left <= ext_w && p.pad_right <= ext_w;
+  const std::array<int64_t, 4> border = direct_grad_border(p);
+  const bool direct =
+      p.stride_h == 1 && p.stride_w == 1 && *std::min_element(border.begin(), border.end()) >= 0;
   // The direct path computes h * w outputs from windows of G that are partly zero border; by
   // columns the GEMM does exactly the forward's work (and its output adds one scatter pass).
   // Columns when the border costs more than an eighth, or for strides, given enough (image,
   // group) jobs to share out: a choice that depends on the shapes only, not on the threads.
-  const int64_t out_pixels = p.oh * p.ow;
+  const int64_t out_pixels = p.oh * p.ow, pixels = p.h * p.w;
   if (p.n * p.groups >= 4 && (!direct || pixels > out_pixels + out_pixels / 8)) {
-    input_grad_columns(k, p, g, row_len, w, grad_input);
+    return InputGradPath::kColumns;
+  }
+  return direct ? InputGradPath::kDirect : InputGradPath::kGathered;
+}
+
+template <typename T>
+void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const GradInMemory<T>& g,
+                const T* w, at::Tensor& grad_input) {
+  const int64_t kg = p.k_per_group(), cg = p.c_per_group(), rs = p.r * p.s;
+  const int64_t depth = kg * rs, pixels = p.h * p.w;
+  const InputGradPath path = input_grad_path(p);
+  TORCH_INTERNAL_ASSERT(!g.padded || path == InputGradPath::kDirect);
+  if (path == InputGradPath::kColumns) {
+    input_grad_columns(k, p, g.data, g.row_len, w, grad_input);
     return;
   }
+  const bool direct = path == InputGradPath::kDirect;
   // W'[group][c][k, r, s] = W[group * kg + k][c][r, s], flipped in r and s for the direct path.
   std::vector<T> wt(p.groups * cg * depth);
   for (int64_t grp = 0; grp < p.groups; ++grp) {
@@ -479,13 +522,16 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
         dx + (n * p.c + grp * cg) * pixels, nullptr, pixels, nullptr, Activation::kIdentity, T(0)};
   };
   if (direct) {
-    const int64_t top = ext_h - p.pad_top, left = ext_w - p.pad_left;
-    const int64_t hp = p.h + ext_h, wp = p.w + ext_w;
-    const ScratchBuffer<T> padded =
-        pad_images(ScratchSlot::kConvPaddedGrad, g, {p.k * row_len, row_len, p.ow, 1}, p.n, p.k,
-                   p.oh, p.ow, top, ext_h - p.pad_bottom, left, ext_w - p.pad_right, k.nr);
+    const int64_t hp = p.h + p.dil_h * (p.r - 1), wp = p.w + p.dil_w * (p.s - 1);
+    const auto [top, bottom, left, right] = direct_grad_border(p);
+    // G already in the padded layout, or a padded copy of its rows.
+    const ScratchBuffer<T> copy = g.padded
+                                      ? ScratchBuffer<T>(ScratchSlot::kConvPaddedGrad, 0)
+                                      : pad_images(ScratchSlot::kConvPaddedGrad, g.data,
+                                                   {p.k * g.row_len, g.row_len, p.ow, 1}, p.n, p.k,
+                                                   p.oh, p.ow, top, bottom, left, right, k.nr);
     const std::vector<int64_t> offsets = window_offsets(kg, p.r, p.s, hp, wp, p.dil_h, p.dil_w);
-    const T* gp = padded.data();
+    const T* gp = g.padded ? g.data : copy.data();
     for_each_gemm_job(k, p.n, p.groups, pixels, 0, channels ? 0 : p.w,
                       [&](int64_t n, int64_t grp, int64_t pb, int64_t pe, T*) {
                         const DirectGemmJob<T> job{packed.data_ptr<T>() + grp * packed_size,
@@ -509,8 +555,8 @@ void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int6
                       job.a_packed = packed.data_ptr<T>() + grp * packed_size;
                       job.m = cg;
                       job.depth = depth;
-                      job.b = {g + (n * p.k + grp * kg) * row_len,
-                               row_len,
+                      job.b = {g.data + (n * p.k + grp * kg) * g.row_len,
+                               g.row_len,
                                p.ow,
                                1,
                                p.oh,
@@ -552,15 +598,15 @@ bool use_direct_weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, bool
   return !computed && 4 * ceil_div(kg, k.nr) * k.nr <= 5 * kg;
 }
 
-// grad_weight from G in memory (g, rows of row_len; db must be null: the first pass computed
-// it) or, with g null, from grad_output and saved (weight_grad_computes_g), then also the bias
-// gradient into db unless db is null.
+// grad_weight from G in memory (db must be null: the first pass computed it) or, with g.data
+// null, from grad_output and saved (weight_grad_computes_g), then also the bias gradient into
+// db unless db is null. G in the padded layout needs the direct kernel.
 template <typename T>
-void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int64_t row_len,
+void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const GradInMemory<T>& g,
                  const at::Tensor& input, at::Tensor& grad_weight, const at::Tensor& grad_output,
                  const at::Tensor& saved, T* db) {
   const int64_t kg = p.k_per_group(), cg = p.c_per_group(), depth = p.depth();
-  const bool computed = g == nullptr;
+  const bool computed = g.data == nullptr;
   // Image splits: a function of the shapes only, so the sums do not depend on the threads. A
   // job reads its images' G once for all its depth rows, so the work is split by images first
   // (G read once in all) and by bands of depth rows only when there are too few image jobs.
@@ -573,7 +619,14 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   // The direct kernel: G transposed once into panels of k.nr channels per (image, group), the
   // input zero-padded, both read in place by every job.
   const bool direct = use_direct_weight_grad(k, p, computed);
-  const int64_t gt_group = ceil_div(kg, k.nr) * k.nr * row_len, gt_image = p.groups * gt_group;
+  TORCH_INTERNAL_ASSERT(direct || !g.padded);
+  // Pixels per panel of G^T. Padded G is transposed one output row at a time, whole vectors
+  // wide: a row's extra pixels land where the next row's go (written over right after) and the
+  // last row's beyond oh * ow.
+  const int64_t width = ceil_div(p.ow, k.lanes) * k.lanes;
+  const int64_t gt_len =
+      g.padded ? ceil_div((p.oh - 1) * p.ow + width, k.lanes) * k.lanes : g.row_len;
+  const int64_t gt_group = ceil_div(kg, k.nr) * k.nr * gt_len, gt_image = p.groups * gt_group;
   const ScratchBuffer<T> gt(ScratchSlot::kConvGradT, direct ? p.n * gt_image : 0);
   const int64_t hp = p.h + p.pad_top + p.pad_bottom, wp = p.w + p.pad_left + p.pad_right;
   const ScratchBuffer<T> padded =
@@ -585,8 +638,16 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
   if (direct) {
     at::parallel_for(0, p.n * p.groups, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
-        k.transpose_g(g + i * kg * row_len, kg, row_len, row_len, gt.data() + i * gt_group,
-                      row_len * k.nr);
+        T* dst = gt.data() + i * gt_group;
+        if (!g.padded) {
+          k.transpose_g(g.data + i * kg * g.row_len, kg, g.row_len, g.row_len, dst,
+                        g.row_len * k.nr);
+          continue;
+        }
+        for (int64_t y = 0; y < p.oh; ++y) {
+          k.transpose_g(g.data + i * kg * g.plane() + (g.top + y) * g.wp + g.left, kg, g.plane(),
+                        width, dst + y * p.ow * k.nr, gt_len * k.nr);
+        }
       }
     });
   }
@@ -616,7 +677,7 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
         const int64_t n0 = split * p.n / splits, n1 = (split + 1) * p.n / splits;
         if (direct) {
           const DirectWeightGradJob<T> job{gt.data() + (n0 * p.groups + grp) * gt_group,
-                                           row_len * k.nr,
+                                           gt_len * k.nr,
                                            gt_image,
                                            kg,
                                            padded.data() + (n0 * p.c + grp * cg) * hp * wp,
@@ -641,10 +702,10 @@ void weight_grad(const ConvKernels<T>& k, const Conv2dParams& p, const T* g, int
               bias_sums.empty() ? nullptr : bias_sums.data() + split * p.k + grp * kg);
           job.g_block = ws.g_block.data();
         } else {
-          job.g = g + (n0 * p.k + grp * kg) * row_len;
+          job.g = g.data + (n0 * p.k + grp * kg) * g.row_len;
         }
-        job.g_ld = row_len;
-        job.g_image_stride = p.k * row_len;
+        job.g_ld = g.row_len;
+        job.g_image_stride = p.k * g.row_len;
         job.pixels = p.oh * p.ow;
         job.m = kg;
         job.x = input_gather(p, input, x, n0, grp);
@@ -701,21 +762,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_act_backward_cpu(
     using T = decltype(tag);
     const ConvKernels<T>& k = kernels<T>();
     T* db = output_mask[2] ? grad_bias.data_ptr<T>() : nullptr;
+    GradInMemory<T> g;
     if (weight_grad_computes_g(k, p, output_mask)) {
-      weight_grad<T>(k, p, nullptr, 0, input, grad_weight, grad_output, saved, db);
+      weight_grad<T>(k, p, g, input, grad_weight, grad_output, saved, db);
       return;
     }
-    const int64_t row_len = ceil_div(p.oh * p.ow, k.lanes) * k.lanes;
-    // G as [N, K, row_len], plus k.nr elements of zero slack read by input_grad_columns.
-    const int64_t g_size = p.n * p.k * row_len;
-    const ScratchBuffer<T> g_buffer(ScratchSlot::kConvGrad, g_size + k.nr);
-    T* g = g_buffer.data();
-    std::fill(g + g_size, g + g_size + k.nr, T(0));
-    activation_grad(k, p, grad_output, saved, row_len, g, db);
-    if (output_mask[0]) input_grad(k, p, g, row_len, w.data_ptr<T>(), grad_input);
-    if (output_mask[1]) {
-      weight_grad<T>(k, p, g, row_len, input, grad_weight, grad_output, saved, nullptr);
+    // G straight in the padded layout when the input gradient reads it that way and the
+    // weight gradient (if any) can transpose it from there; otherwise as rows.
+    g.padded = output_mask[0] && input_grad_path(p) == InputGradPath::kDirect &&
+               (!output_mask[1] || use_direct_weight_grad(k, p, false));
+    if (g.padded) {
+      const auto [top, bottom, left, right] = direct_grad_border(p);
+      g.top = top;
+      g.left = left;
+      g.hp = p.oh + top + bottom;
+      g.wp = p.ow + left + right;
+    } else {
+      g.row_len = ceil_div(p.oh * p.ow, k.lanes) * k.lanes;
     }
+    // Plus k.nr elements of zero slack, read by input_grad_columns, the direct input gradient's
+    // last tiles and the row-wise transposition of padded G.
+    const int64_t g_size = p.n * p.k * g.plane();
+    const ScratchBuffer<T> g_buffer(ScratchSlot::kConvGrad, g_size + k.nr);
+    g.data = g_buffer.data();
+    std::fill(g.data + g_size, g.data + g_size + k.nr, T(0));
+    activation_grad(k, p, grad_output, saved, g, db);
+    if (output_mask[0]) input_grad(k, p, g, w.data_ptr<T>(), grad_input);
+    if (output_mask[1]) weight_grad<T>(k, p, g, input, grad_weight, grad_output, saved, nullptr);
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -695,23 +695,22 @@ void gemm(const GemmJob<T>& job, T* workspace) {
 // G = grad_output * act'(saved): the backward's first pass, or blocks of the weight gradient
 // ---------------------------------------------------------------------------------------------
 
-// Sum of x[0, n): kAcc vector accumulators over the lanes, then a fixed-order reduction (the
-// same order on every call, so the result is deterministic).
+// Sum of x[0, n): kAcc vector accumulators over the lanes (the remainder whole vectors into
+// the first, a masked last vector into the second), added pairwise, then a fixed-order sum of
+// the lanes (the same order on every call, so the result is deterministic).
 template <typename T>
 T vector_sum(const T* x, int64_t n) {
   using S = Simd<T>;
   constexpr int L = S::kLanes, kAcc = 4;
   typename S::V acc[kAcc];
   for (int i = 0; i < kAcc; ++i) acc[i] = S::zero();
-  const typename S::V one = S::broadcast(T(1));
   int64_t i = 0;
   for (; i + kAcc * L <= n; i += kAcc * L) {
-    for (int a = 0; a < kAcc; ++a) acc[a] = S::fma(S::load(x + i + a * L), one, acc[a]);
+    for (int a = 0; a < kAcc; ++a) acc[a] = S::add(S::load(x + i + a * L), acc[a]);
   }
-  T total = 0;
-  for (int a = 0; a < kAcc; ++a) total += lane_sum<T>(acc[a]);
-  for (; i < n; ++i) total += x[i];
-  return total;
+  for (; i + L <= n; i += L) acc[0] = S::add(S::load(x + i), acc[0]);
+  if (i < n) acc[1] = S::add(S::load_first(x + i, static_cast<int>(n - i)), acc[1]);
+  return lane_sum<T>(S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3])));
 }
 
 // G of channels [0, m) of image n at pixels [p0, p0 + pixels), computed from the source into
@@ -747,6 +746,41 @@ void grad_block(const GradSource<T>& src, int64_t n, int64_t p0, int64_t pixels,
                 int64_t m, T* out, int64_t ld) {
   dispatch_activation(src.activation, [&](auto a) {
     grad_block_impl<T, decltype(a)::value>(src, n, p0, pixels, len, m, out, ld);
+  });
+}
+
+// G of one channel plane (the source's image and channel) into a zero-padded hp x wp plane:
+// output row y at out + (top + y) * wp + left, every other element zero; with a bias, the
+// plane's sum of G is added to it.
+template <typename T, Activation A>
+void grad_plane_padded_impl(const GradSource<T>& src, int64_t oh, int64_t top, int64_t left,
+                            int64_t hp, int64_t wp, T* out) {
+  const T slope = src.negative_slope;
+  const int64_t ow = src.ow;
+  std::fill(out, out + top * wp + left, T(0));
+  for (int64_t y = 0; y < oh; ++y) {
+    const T* a = src.grad_output + y * src.go_y;
+    const T* b = src.saved + y * src.sv_y;
+    T* __restrict o = out + (top + y) * wp + left;
+    if (src.go_x == 1 && src.sv_x == 1) {
+      for (int64_t x = 0; x < ow; ++x) o[x] = act::backward<A, T>(a[x], b[x], slope);
+    } else {
+      for (int64_t x = 0; x < ow; ++x) {
+        o[x] = act::backward<A, T>(a[x * src.go_x], b[x * src.sv_x], slope);
+      }
+    }
+    // This row's right border and the next row's left one (or the bottom rows).
+    std::fill(o + ow, y + 1 < oh ? o + wp : out + hp * wp, T(0));
+  }
+  // The rows' borders add zero.
+  if (src.bias != nullptr) src.bias[0] += vector_sum(out + top * wp, oh * wp);
+}
+
+template <typename T>
+void grad_plane_padded(const GradSource<T>& src, int64_t oh, int64_t top, int64_t left, int64_t hp,
+                       int64_t wp, T* out) {
+  dispatch_activation(src.activation, [&](auto a) {
+    grad_plane_padded_impl<T, decltype(a)::value>(src, oh, top, left, hp, wp, out);
   });
 }
 
@@ -1100,7 +1134,8 @@ constexpr ConvKernels<T> make_kernels() {
           &direct_weight_grad<T>,
           &transpose_panels<T>,
           &col2im<T>,
-          &grad_block<T>};
+          &grad_block<T>,
+          &grad_plane_padded<T>};
 }
 
 }  // namespace

@@ -179,6 +179,12 @@ struct ConvKernels {
   // per call) and the weight gradient without G in memory (blocks) both use it.
   void (*grad_block)(const GradSource<T>& source, int64_t n, int64_t p0, int64_t pixels,
                      int64_t len, int64_t m, T* out, int64_t ld);
+  // G of one channel plane (source at its image and channel, oh output rows) into a
+  // zero-padded hp x wp plane, output row y at out + (top + y) * wp + left, every other element
+  // zero; with source.bias, the plane's sum of G is added to source.bias[0]. The backward's
+  // first pass when the input gradient reads G in place as a padded image.
+  void (*grad_plane_padded)(const GradSource<T>& source, int64_t oh, int64_t top, int64_t left,
+                            int64_t hp, int64_t wp, T* out);
 };
 
 struct ConvKernelTable {
