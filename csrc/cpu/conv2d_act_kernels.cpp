@@ -1071,9 +1071,15 @@ void direct_weight_grad(const DirectWeightGradJob<T>& job) {
       }
     }
   }
+  // acc is [d][k]: transposed in blocks of 16 depth rows, whose lines stay in L1 while every
+  // channel is written (a whole column of acc at a time touched a new line per element).
   T* dw = job.dw + job.d_begin;
-  for (int64_t k = 0; k < m; ++k) {
-    for (int64_t d = 0; d < rows; ++d) dw[k * job.dw_ld + d] = acc[d * m_pad + k];
+  constexpr int64_t kRowBlock = 16;
+  for (int64_t d0 = 0; d0 < rows; d0 += kRowBlock) {
+    const int64_t d1 = std::min(rows, d0 + kRowBlock);
+    for (int64_t k = 0; k < m; ++k) {
+      for (int64_t d = d0; d < d1; ++d) dw[k * job.dw_ld + d] = acc[d * m_pad + k];
+    }
   }
 }
 
