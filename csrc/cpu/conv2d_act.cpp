@@ -462,7 +462,6 @@ void input_grad_columns(const ConvKernels<T>& k, const Conv2dParams& p, const T*
       });
 }
 
-// grad_input = the transposed convolution of G with the weights.
 // How the input gradient is computed.
 enum class InputGradPath { kColumns, kDirect, kGathered };
 
@@ -484,6 +483,7 @@ InputGradPath input_grad_path(const Conv2dParams& p) {
   return direct ? InputGradPath::kDirect : InputGradPath::kGathered;
 }
 
+// grad_input = the transposed convolution of G with the weights.
 template <typename T>
 void input_grad(const ConvKernels<T>& k, const Conv2dParams& p, const GradInMemory<T>& g,
                 const T* w, at::Tensor& grad_input) {
