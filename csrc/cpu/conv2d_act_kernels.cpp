@@ -713,27 +713,34 @@ T vector_sum(const T* x, int64_t n) {
   return lane_sum<T>(S::add(S::add(acc[0], acc[1]), S::add(acc[2], acc[3])));
 }
 
+// o[x] = grad_output * act'(saved) for `count` pixels of one output row, starting at a and b
+// (the source's elements go_x and sv_x apart; unit steps run as their own, vectorised loop).
+template <typename T, Activation A>
+inline void grad_run(const GradSource<T>& src, const T* a, const T* b, int64_t count,
+                     T* __restrict o) {
+  const T slope = src.negative_slope;
+  if (src.go_x == 1 && src.sv_x == 1) {
+    for (int64_t x = 0; x < count; ++x) o[x] = act::backward<A, T>(a[x], b[x], slope);
+  } else {
+    for (int64_t x = 0; x < count; ++x) {
+      o[x] = act::backward<A, T>(a[x * src.go_x], b[x * src.sv_x], slope);
+    }
+  }
+}
+
 // G of channels [0, m) of image n at pixels [p0, p0 + pixels), computed from the source into
 // rows of `out` (row stride ld) and zero up to len; with a bias, each row's sum is added to it.
 template <typename T, Activation A>
 void grad_block_impl(const GradSource<T>& src, int64_t n, int64_t p0, int64_t pixels, int64_t len,
                      int64_t m, T* out, int64_t ld) {
-  const T slope = src.negative_slope;
   for (int64_t k = 0; k < m; ++k) {
     const T* go = src.grad_output + n * src.go_n + k * src.go_c;
     const T* sv = src.saved + n * src.sv_n + k * src.sv_c;
-    T* __restrict o = out + k * ld;
+    T* o = out + k * ld;
     for (int64_t j = 0, y = p0 / src.ow, x = p0 % src.ow; j < pixels; x = 0, ++y) {
       const int64_t run = std::min(src.ow - x, pixels - j);
-      const T* a = go + y * src.go_y + x * src.go_x;
-      const T* b = sv + y * src.sv_y + x * src.sv_x;
-      if (src.go_x == 1 && src.sv_x == 1) {
-        for (int64_t i = 0; i < run; ++i) o[j + i] = act::backward<A, T>(a[i], b[i], slope);
-      } else {
-        for (int64_t i = 0; i < run; ++i) {
-          o[j + i] = act::backward<A, T>(a[i * src.go_x], b[i * src.sv_x], slope);
-        }
-      }
+      grad_run<T, A>(src, go + y * src.go_y + x * src.go_x, sv + y * src.sv_y + x * src.sv_x, run,
+                     o + j);
       j += run;
     }
     std::fill(o + pixels, o + len, T(0));
@@ -755,20 +762,11 @@ void grad_block(const GradSource<T>& src, int64_t n, int64_t p0, int64_t pixels,
 template <typename T, Activation A>
 void grad_plane_padded_impl(const GradSource<T>& src, int64_t oh, int64_t top, int64_t left,
                             int64_t hp, int64_t wp, T* out) {
-  const T slope = src.negative_slope;
   const int64_t ow = src.ow;
   std::fill(out, out + top * wp + left, T(0));
   for (int64_t y = 0; y < oh; ++y) {
-    const T* a = src.grad_output + y * src.go_y;
-    const T* b = src.saved + y * src.sv_y;
-    T* __restrict o = out + (top + y) * wp + left;
-    if (src.go_x == 1 && src.sv_x == 1) {
-      for (int64_t x = 0; x < ow; ++x) o[x] = act::backward<A, T>(a[x], b[x], slope);
-    } else {
-      for (int64_t x = 0; x < ow; ++x) {
-        o[x] = act::backward<A, T>(a[x * src.go_x], b[x * src.sv_x], slope);
-      }
-    }
+    T* o = out + (top + y) * wp + left;
+    grad_run<T, A>(src, src.grad_output + y * src.go_y, src.saved + y * src.sv_y, ow, o);
     // This row's right border and the next row's left one (or the bottom rows).
     std::fill(o + ow, y + 1 < oh ? o + wp : out + hp * wp, T(0));
   }
