@@ -93,6 +93,33 @@ def random_problem(seed: int, device: str, dtype=torch.float32) -> Problem:
     return Problem(logits, targets, kinds, weights, relation, ignore_index, smoothing, leaves)
 
 
+def every_loop_problem(device: str, dtype=torch.float32, smoothing: float = 0.1) -> Problem:
+    """One task for each loop of the CPU kernels, every one with labels: ce rows of 33, 100 and
+    1000 classes (vector tails of every length mod 4, 8 and 16), ce rows of 10 classes
+    (class-major blocks), dense ce, bce, mse and l1; ignored and NaN labels, weights and a
+    relation matrix."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [("ce", (37, 33)), ("ce", (29, 100)), ("ce", (11, 1000)), ("ce", (70, 10))]
+    shapes += [("ce", (3, 13, 7, 5)), ("bce", (45, 40)), ("mse", (45, 7)), ("l1", (45, 3, 5))]
+    logits, targets, kinds = [], [], []
+    for kind, shape in shapes:
+        x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_()
+        if kind == "ce":
+            y = torch.randint(shape[1], (shape[0], *shape[2:]), generator=g)
+            y[torch.rand(y.shape, generator=g) < 0.2] = -100
+        else:
+            y = torch.rand(shape, generator=g) if kind == "bce" else torch.randn(shape, generator=g)
+            y[torch.rand(shape, generator=g) < 0.2] = float("nan")
+        logits.append(x)
+        targets.append(y.to(device))
+        kinds.append(kind)
+    t = len(kinds)
+    weights = torch.rand(t, generator=g).to(device).requires_grad_()
+    relation = (0.1 * torch.randn(t, t, generator=g)).to(device).requires_grad_()
+    leaves = [*logits, weights, relation]
+    return Problem(logits, targets, kinds, weights, relation, -100, smoothing, leaves)
+
+
 def functional_per_task(p: Problem) -> torch.Tensor:
     """Each task's loss through torch.nn.functional, with masks for missing labels."""
     losses = []
@@ -303,11 +330,15 @@ def test_dense_logits_with_an_empty_spatial_dim(device, classes):
     assert gx.shape == x.shape and torch.isfinite(gb).all()
 
 
+@pytest.mark.parametrize("problem", ["random", "every_loop"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_logits(device, dtype):
+def test_half_precision_logits(device, dtype, problem):
     """fp16/bf16 logits are read as they are; the math is fp32, so the losses equal fp32 math on
     the same values, and the gradient is within two roundings to the logits' dtype."""
-    p = random_problem(3, device, dtype)
+    if problem == "random":
+        p = random_problem(3, device, dtype)
+    else:
+        p = every_loop_problem(device, dtype)
     _total, per_task, grads = run(p, ours)
     assert per_task.dtype == torch.float32
     _t_ref, pt_ref, g_ref = run(p, ref64)
@@ -537,8 +568,9 @@ def test_every_isa_path_matches_the_reference():
         "import sys, torch, mtlcore\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "import test_multitask_loss as t\n"
-        "for seed in range(6):\n"
-        "    p = t.random_problem(seed, 'cpu')\n"
+        "problems = [t.random_problem(seed, 'cpu') for seed in range(6)]\n"
+        "problems += [t.every_loop_problem('cpu', smoothing=s) for s in (0.0, 0.1)]\n"
+        "for p in problems:\n"
         "    a, b = t.run(p, t.ours), t.run(p, t.ref64)\n"
         "    t.assert_close(a[1], b[1], 1e-5, 'per_task')\n"
         "    for x, e in zip(a[2], b[2]):\n"
