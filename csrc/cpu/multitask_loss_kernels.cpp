@@ -549,33 +549,45 @@ void ce_block_grad(int64_t n, int64_t classes, const CeConstants<A>& k, A f, CeB
   }
 }
 
+// Dense [B, C, S] logits: calls block(b, p0, n, out) for the item's blocks of at most
+// `positions` positions (p0 to p0 + n of image b), each once its labels are in blk.tt; stops at
+// a label out of range (recorded in the result).
+template <typename A, typename Block>
+LossPartial for_each_dense_block(const TaskView& v, const LossWork& w, const LossOptions& o,
+                                 int64_t positions, CeBlock<A>& blk, Block block) {
+  const int64_t* target = static_cast<const int64_t*>(v.target);
+  LossPartial out;
+  for (int64_t b = w.b0; b < w.b1; ++b) {
+    for (int64_t p0 = w.s0; p0 < w.s1; p0 += positions) {
+      const int64_t n = std::min(positions, w.s1 - p0);
+      if (!read_labels(target + b * v.target_stride + p0, 1, n, v.classes, b * v.inner + p0, o, blk,
+                       &out)) {
+        return out;
+      }
+      block(b, p0, n, out);
+    }
+  }
+  return out;
+}
+
 // Dense [B, C, S] logits: blocks of CeBlock::n pixels.
 template <typename T, typename A, bool kGrad>
 LossPartial ce_dense(const TaskView& v, const LossWork& w, const LossOptions& o) {
   const T* logits = static_cast<const T*>(v.logits);
-  const int64_t* target = static_cast<const int64_t*>(v.target);
   T* grad = static_cast<T*>(v.grad);
   const int64_t classes = v.classes;
   const int64_t pixels = v.inner;
   const CeConstants<A> k(o, classes);
   CeBlock<A>& blk = ce_block_buffers<A>(classes);
-  LossPartial out;
-  for (int64_t b = w.b0; b < w.b1; ++b) {
-    for (int64_t p0 = w.s0; p0 < w.s1; p0 += blk.n) {
-      const int64_t n = std::min(blk.n, w.s1 - p0);
-      if (!read_labels(target + b * v.target_stride + p0, 1, n, classes, b * pixels + p0, o, blk,
-                       &out)) {
-        return out;
-      }
-      ce_fill<true>(logits + b * v.logits_stride + p0, pixels, 1, n, classes, blk);
-      ce_block(n, classes, k, blk, &out);
-      if constexpr (kGrad) {
-        ce_block_grad<true>(n, classes, k, static_cast<A>(v.grad_factor), blk,
-                            grad + (b * classes * pixels + p0), pixels, 1);
-      }
-    }
-  }
-  return out;
+  return for_each_dense_block(
+      v, w, o, blk.n, blk, [&](int64_t b, int64_t p0, int64_t n, LossPartial& out) {
+        ce_fill<true>(logits + b * v.logits_stride + p0, pixels, 1, n, classes, blk);
+        ce_block(n, classes, k, blk, &out);
+        if constexpr (kGrad) {
+          ce_block_grad<true>(n, classes, k, static_cast<A>(v.grad_factor), blk,
+                              grad + (b * classes * pixels + p0), pixels, 1);
+        }
+      });
 }
 
 // [B, C] rows with few classes: blocks of CeBlock::n rows are transposed into the class-major
@@ -620,7 +632,6 @@ LossPartial ce_dense_registers(const TaskView& v, const LossWork& w, const LossO
   using V = S::V;
   constexpr int64_t L = S::kLanes;
   const float* logits = static_cast<const float*>(v.logits);
-  const int64_t* target = static_cast<const int64_t*>(v.target);
   float* grad = static_cast<float*>(v.grad);
   const int64_t classes = v.classes;
   const int64_t pixels = v.inner;
@@ -629,64 +640,56 @@ LossPartial ce_dense_registers(const TaskView& v, const LossWork& w, const LossO
   const V keep = S::broadcast(k.keep), smooth = S::broadcast(k.smooth);
   CeBlock<float>& blk = ce_block_buffers<float>(classes);  // its labels and losses
   float* losses = blk.s;
-  LossPartial out;
-  for (int64_t b = w.b0; b < w.b1; ++b) {
-    for (int64_t p0 = w.s0; p0 < w.s1; p0 += kPixels) {
-      const int64_t n = std::min(kPixels, w.s1 - p0);
-      if (!read_labels(target + b * v.target_stride + p0, 1, n, classes, b * pixels + p0, o, blk,
-                       &out)) {
-        return out;
-      }
-      const float* x = logits + b * v.logits_stride + p0;
-      float* g = kGrad ? grad + (b * classes * pixels + p0) : nullptr;
-      for (int64_t p = 0; p < n; p += L) {
-        const int len = static_cast<int>(std::min(L, n - p));
-        V e[kRegisterClasses];
-        V m = S::broadcast(-std::numeric_limits<float>::infinity());
-        for (int64_t c = 0; c < classes; ++c) {
-          const float* xc = x + c * pixels + p;
-          e[c] = len == L ? S::load(xc) : S::load_first(xc, len);
-          m = e[c] > m ? e[c] : m;  // a NaN never wins, as in ce_fill
-        }
-        IntVec t;  // past n, lanes the loss sum below and the stores leave out
-        std::memcpy(&t, blk.tt + p, sizeof(t));
-        V x_t = S::zero(), s = S::zero(), sum_d = S::zero();
-        for (int64_t c = 0; c < classes; ++c) {
-          const V d = e[c] - m;
-          x_t = t == static_cast<int32_t>(c) ? d : x_t;
-          sum_d += d;
-          e[c] = exp_math(d);
-          s += e[c];
-        }
-        const auto valid = t >= 0;
-        const V loss = log_math(s) - keep * x_t - (k.smooth == 0.0f ? S::zero() : smooth * sum_d);
-        S::store(losses + p, valid ? loss : S::zero());
-        if constexpr (kGrad) {
-          const V inv = 1.0f / s;
+  return for_each_dense_block(
+      v, w, o, kPixels, blk, [&](int64_t b, int64_t p0, int64_t n, LossPartial& out) {
+        const float* x = logits + b * v.logits_stride + p0;
+        float* g = kGrad ? grad + (b * classes * pixels + p0) : nullptr;
+        for (int64_t p = 0; p < n; p += L) {
+          const int len = static_cast<int>(std::min(L, n - p));
+          V e[kRegisterClasses];
+          V m = S::broadcast(-std::numeric_limits<float>::infinity());
           for (int64_t c = 0; c < classes; ++c) {
-            const V target_term = t == static_cast<int32_t>(c) ? keep : S::zero();
-            const V gv = (e[c] * inv - smooth - target_term) * f;
-            float* gc = g + c * pixels + p;
-            if (len == L) {
-              S::store(gc, valid ? gv : S::zero());
-            } else {
-              S::store_first(gc, valid ? gv : S::zero(), len);
+            const float* xc = x + c * pixels + p;
+            e[c] = len == L ? S::load(xc) : S::load_first(xc, len);
+            m = e[c] > m ? e[c] : m;  // a NaN never wins, as in ce_fill
+          }
+          IntVec t;  // past n, lanes the loss sum below and the stores leave out
+          std::memcpy(&t, blk.tt + p, sizeof(t));
+          V x_t = S::zero(), s = S::zero(), sum_d = S::zero();
+          for (int64_t c = 0; c < classes; ++c) {
+            const V d = e[c] - m;
+            x_t = t == static_cast<int32_t>(c) ? d : x_t;
+            sum_d += d;
+            e[c] = exp_math(d);
+            s += e[c];
+          }
+          const auto valid = t >= 0;
+          const V loss = log_math(s) - keep * x_t - (k.smooth == 0.0f ? S::zero() : smooth * sum_d);
+          S::store(losses + p, valid ? loss : S::zero());
+          if constexpr (kGrad) {
+            const V inv = 1.0f / s;
+            for (int64_t c = 0; c < classes; ++c) {
+              const V target_term = t == static_cast<int32_t>(c) ? keep : S::zero();
+              const V gv = (e[c] * inv - smooth - target_term) * f;
+              float* gc = g + c * pixels + p;
+              if (len == L) {
+                S::store(gc, valid ? gv : S::zero());
+              } else {
+                S::store_first(gc, valid ? gv : S::zero(), len);
+              }
             }
           }
         }
-      }
-      double sum = 0.0;
-      int64_t count = 0;
+        double sum = 0.0;
+        int64_t count = 0;
 #pragma omp simd reduction(+ : sum, count)
-      for (int64_t p = 0; p < n; ++p) {
-        sum += static_cast<double>(losses[p]);
-        count += blk.tt[p] >= 0 ? 1 : 0;
-      }
-      out.sum += sum;
-      out.count += count;
-    }
-  }
-  return out;
+        for (int64_t p = 0; p < n; ++p) {
+          sum += static_cast<double>(losses[p]);
+          count += blk.tt[p] >= 0 ? 1 : 0;
+        }
+        out.sum += sum;
+        out.count += count;
+      });
 }
 
 template <typename T, typename A, bool kGrad>
