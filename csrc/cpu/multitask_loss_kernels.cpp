@@ -592,7 +592,7 @@ LossPartial ce_dense(const TaskView& v, const LossWork& w, const LossOptions& o)
 
 // [B, C] rows with few classes: blocks of CeBlock::n rows are transposed into the class-major
 // buffer, so the loops run over rows (a loop over two or ten classes cannot use the vector
-// lanes); the gradient is written back row by row.
+// lanes); the gradient goes straight back into the rows (ce_block_grad's strided stores).
 template <typename T, typename A, bool kGrad>
 LossPartial ce_rows_transposed(const TaskView& v, const LossWork& w, const LossOptions& o) {
   const T* logits = static_cast<const T*>(v.logits);
