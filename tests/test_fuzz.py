@@ -415,6 +415,11 @@ def tensor_lists(draw):
             st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple), min_size=1, max_size=5
         )
     )
+    # One list in four also holds a large tensor, at a random place: the CPU ops split the
+    # lists' elements over the threads only beyond 2^15 per thread, cutting inside tensors.
+    if draw(st.integers(0, 3)) == 0:
+        big = (draw(st.integers(2**16, 2**17 + 999)),)
+        shapes.insert(draw(st.integers(0, len(shapes))), big)
     return {
         "shapes": shapes,
         "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
