@@ -256,6 +256,57 @@ def test_conv2d_act_float32_within_bound_and_nonfinite_propagate(device, case, s
     assert bool((err <= bound[finite]).all()), f"max excess {(err - bound[finite]).max()}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@given(case=conv_cases())
+def test_conv2d_act_float32_gradients_within_bound(device, case):
+    """The float32 backward kernels (float64 ones above) through the identity activation, so
+    that G is grad_output itself: each gradient within its summation's rounding bound of the
+    float64 gradients of the same float32 inputs."""
+    x, w, b = conv_tensors(case, torch.float32)
+    x64, w64 = x.double(), w.double()
+    b64 = None if b is None else b.double()
+    args = conv_args(case) | {"activation": "identity"}
+    if conv_reference_or_error(x64, w64, b64, case)[1] is not None:
+        return  # the bad shapes are the properties' above
+    xd = layout(x, case["input_layout"], device)
+    wd = layout(w, case["weight_layout"], device)
+    bd = None if b is None else b.to(device, copy=True)
+    leaves = leaves_of(xd, wd, bd)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        out = ops.conv2d_act(xd, wd, bd, **args)
+        gy = values(out.shape, torch.float32, case["seed"] + 3, 1.0)
+        got = torch.autograd.grad(out, leaves, gy.to(device))
+    conv = dict(
+        stride=case["stride"],
+        padding=case["padding"],
+        dilation=case["dilation"],
+        groups=case["groups"],
+    )
+    g64 = gy.double()
+
+    def grads(xv, wv, gv):
+        xv, wv = xv.detach().requires_grad_(), wv.detach().requires_grad_()
+        return torch.autograd.grad(F.conv2d(xv, wv, None, **conv), [xv, wv], gv)
+
+    want = grads(x64, w64, g64)
+    # sum |G| |W| over each input element's terms, sum |G| |X| over each weight's
+    bound_x = grads(x64, w64.abs(), g64.abs())[0]
+    bound_w = grads(x64.abs(), w64, g64.abs())[1]
+    terms_x = w.shape[0] // case["groups"] * w.shape[2] * w.shape[3]
+    terms_w = out.shape[0] * out.shape[2] * out.shape[3]
+    checks = [
+        ("input", got[0], want[0], bound_x, terms_x),
+        ("weight", got[1], want[1], bound_w, terms_w),
+    ]
+    if b is not None:
+        checks.append(("bias", got[2], g64.sum((0, 2, 3)), g64.abs().sum((0, 2, 3)), terms_w))
+    for name, g, e, ab, terms in checks:
+        assert g.dtype == torch.float32 and g.shape == e.shape, name
+        err = (g.cpu().double() - e).abs()
+        bound = (terms + 1) * 2**-22 * ab + 1e-37
+        assert bool((err <= bound).all()), f"{name}: max excess {(err - bound).max()}"
+
+
 # --------------------------------------------------------------------------------------------
 # multitask_loss
 # --------------------------------------------------------------------------------------------
