@@ -10,13 +10,16 @@ seed, many more examples).
 
 What is checked:
 - conv2d_act: output and input/weight/bias gradients vs act(F.conv2d(...)) in float64; float32
-  within a bound scaled by sum |x| |w| of each output; NaN/Inf inputs give NaN/Inf exactly
-  where the functional does; geometry the functional rejects is rejected too.
+  within a bound scaled by sum |x| |w| of each output, and its three gradients (through the
+  identity activation) within their sums' rounding bounds; NaN/Inf inputs give NaN/Inf
+  exactly where the functional does; geometry the functional rejects is rejected too. One
+  case in four has 1-64 channels per group (the CPU paths for channels that fill the vectors).
 - multitask_loss: total, per_task and the gradients of logits, weights and relation vs the
   reference in float64; ±1e30, subnormal, NaN and Inf logits; ignored / missing labels, empty
   batches, one class, huge class counts, non-contiguous views.
 - sgd_ / adam_: updated tensors vs the reference for random hyperparameters and lists,
-  including empty tensors, non-contiguous parameters, NaN/Inf gradients and skipped steps.
+  including empty tensors, non-contiguous parameters, NaN/Inf gradients and skipped steps, and
+  (one list in four) a tensor large enough for the CPU ops to split the lists over threads.
 - max_pool2d: output equal (NaN included) to F.max_pool2d's and bit for bit the reference's
   (signed zeros included, NaN payloads aside), the gradient exactly the reference's and
   F.max_pool2d's (where every window holds an input element), and the output layout, for
@@ -172,14 +175,19 @@ def conv_tensors(case, dtype):
     return x, w, b
 
 
-def conv_args(case):
+def conv_geometry(case):
+    """F.conv2d's keyword arguments of the case."""
     return dict(
         stride=case["stride"],
         padding=case["padding"],
         dilation=case["dilation"],
         groups=case["groups"],
-        activation=case["activation"],
-        negative_slope=case["negative_slope"],
+    )
+
+
+def conv_args(case):
+    return conv_geometry(case) | dict(
+        activation=case["activation"], negative_slope=case["negative_slope"]
     )
 
 
@@ -243,10 +251,7 @@ def test_conv2d_act_float32_within_bound_and_nonfinite_propagate(device, case, s
         x64.abs().nan_to_num(posinf=0.0),
         w64.abs(),
         None if b64 is None else b64.abs(),
-        case["stride"],
-        case["padding"],
-        case["dilation"],
-        case["groups"],
+        **conv_geometry(case),
     )
     lipschitz = max(1.0, abs(case["negative_slope"])) * 1.2
     terms = w.shape[1] * w.shape[2] * w.shape[3] + 1
@@ -276,17 +281,11 @@ def test_conv2d_act_float32_gradients_within_bound(device, case):
         out = ops.conv2d_act(xd, wd, bd, **args)
         gy = values(out.shape, torch.float32, case["seed"] + 3, 1.0)
         got = torch.autograd.grad(out, leaves, gy.to(device))
-    conv = dict(
-        stride=case["stride"],
-        padding=case["padding"],
-        dilation=case["dilation"],
-        groups=case["groups"],
-    )
     g64 = gy.double()
 
     def grads(xv, wv, gv):
         xv, wv = xv.detach().requires_grad_(), wv.detach().requires_grad_()
-        return torch.autograd.grad(F.conv2d(xv, wv, None, **conv), [xv, wv], gv)
+        return torch.autograd.grad(F.conv2d(xv, wv, None, **conv_geometry(case)), [xv, wv], gv)
 
     want = grads(x64, w64, g64)
     # sum |G| |W| over each input element's terms, sum |G| |X| over each weight's
