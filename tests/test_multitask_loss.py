@@ -4,6 +4,7 @@ determinism, the MultiTaskLoss module, and bad input."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -312,8 +313,35 @@ def test_ce_rows_over_several_blocks(device, classes):
     torch.testing.assert_close(grad.cpu().double(), grad_ref, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("classes", [3, 17, 2000])
-def test_dense_logits_with_an_empty_spatial_dim(device, classes):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("classes", range(1, 18))
+def test_dense_ce_for_every_small_class_count(device, classes, smoothing):
+    """Dense ce with 1-17 classes (the CPU runs 1-16 through kernels compiled for each count,
+    17 through the class-major blocks): 1517 positions per image, so an image spans several
+    work items, with whole vectors and tails; ignored labels, one of them at a NaN logit (its
+    gradient is 0, the others finite), and a -inf logit. Loss and gradient as
+    F.cross_entropy's in float64."""
+    g = torch.Generator().manual_seed(classes)
+    x = torch.randn(2, classes, 37, 41, generator=g) * 3
+    y = torch.randint(classes, (2, 37, 41), generator=g)
+    y[torch.rand(y.shape, generator=g) < 0.1] = -100
+    y[1, 5, 7] = -100
+    x[1, 0, 5, 7] = float("nan")
+    if classes > 1:
+        x[0, classes - 1, 30, 40] = -float("inf")
+        y[0, 30, 40] = 0
+    leaf = x.to(device).requires_grad_()
+    total, _ = ops.multitask_loss([leaf], [y.to(device)], ["ce"], label_smoothing=smoothing)
+    (grad,) = torch.autograd.grad(total, [leaf])
+    x_ref = x.double().nan_to_num(nan=0.0, neginf=-float("inf")).requires_grad_()
+    ref = F.cross_entropy(x_ref, y, label_smoothing=smoothing)
+    (grad_ref,) = torch.autograd.grad(ref, [x_ref])
+    if classes > 1 and smoothing > 0:  # the smoothing term of a -inf logit: an inf loss
+        assert math.isinf(float(total)) and math.isinf(float(ref))
+    else:
+        torch.testing.assert_close(total.cpu().double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.cpu().double(), grad_ref, rtol=1e-5, atol=1e-9)
+    assert torch.equal(grad[1, :, 5, 7].cpu(), torch.zeros(classes))
     """Dense logits [B, C, 0] hold no position: loss 0 and an empty gradient, for every class
     count (the CUDA kernel plans rows differently above 16 classes)."""
     x = torch.randn(2, classes, 0, device=device, requires_grad=True)

@@ -52,9 +52,12 @@ std::vector<WorkItem> plan_work(const std::vector<TaskView>& views) {
     const TaskView& v = views[i];
     if (v.numel() == 0) continue;
     const bool ce = v.kind == LossKind::kCe;
-    const int64_t positions = ce ? v.inner : v.classes;                // per item b
-    const int64_t cost = ce ? v.classes : 1;                           // logits per position
-    const int64_t chunk = std::max<int64_t>(1, kItemElements / cost);  // positions per item
+    const int64_t positions = ce ? v.inner : v.classes;  // per item b
+    const int64_t cost = ce ? v.classes : 1;             // logits per position
+    // Positions per item: a multiple of 16 where there are more, so that items of dense
+    // logits start on a cache line (when their planes do) and end on a whole vector.
+    const int64_t per_item = kItemElements / cost;
+    const int64_t chunk = per_item >= 16 ? per_item / 16 * 16 : std::max<int64_t>(1, per_item);
     if (positions <= chunk) {
       const int64_t rows = std::max<int64_t>(1, chunk / positions);
       for (int64_t b = 0; b < v.batch; b += rows) {

@@ -14,7 +14,8 @@
 //     vectorises) with the classes outside, and the buffer then holds exp(x - max) for the
 //     gradient.
 //   ce, dense float [B, C, S] with C <= kRegisterClasses: no buffer; each vector of positions
-//     keeps its C logits (then exps) in registers from the load to the gradient's store.
+//     keeps its C logits (then exps) in registers from the load to the gradient's store, in
+//     loops compiled for each C.
 //   ce, [B, C] rows with few classes: blocks of rows are transposed into the same buffer (a
 //     strided read per class) and run through the same loops; the gradient is written back to
 //     the rows by strided stores.
@@ -26,7 +27,8 @@
 //   stored gradient is rounded once from it. exp and log are our own branch-free float versions
 //   (Cody-Waite range reduction and the Cephes polynomials, about 1 ulp), so the loops
 //   vectorise; their polynomials use fused multiply-add on AVX2/AVX-512. For double the C
-//   library's. ce uses the max-subtracted log-sum-exp. Loss sums are accumulated in double;
+//   library's. ce uses the max-subtracted log-sum-exp; the register loops of dense float ce
+//   flush exps below 2^-126 to 0 (exp_nonpositive). Loss sums are accumulated in double;
 //   their order is fixed by the item's shape (and the vector width of the ISA), never by the
 //   thread count. The ISA paths differ in the last bits (FMA, vector width).
 #include "cpu/multitask_loss_kernels.h"
@@ -42,6 +44,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifndef MTLCORE_ISA
@@ -102,8 +105,10 @@ MTLCORE_INLINE FloatVec bits_float(IntVec i) { return reinterpret_cast<FloatVec>
 // and are replaced by selects on the result: a clamp of x before the arithmetic makes the
 // compiler evaluate the clamped cases separately and blend them in, which doubles the vector
 // code.
+// exp(r) for the reduced argument: x = k ln2 + r, |r| <= ln2 / 2, with k = round(x / ln2)
+// returned in *k (exact for x in [-150 ln2, 128 ln2]; meaningless outside).
 template <typename F>
-MTLCORE_INLINE F exp_math(F x) {
+MTLCORE_INLINE F exp_reduced(F x, decltype(float_bits(x))* k) {
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
   const F shifted = madd(x, splat<F>(1.44269504088896341f), splat<F>(kShift));
   const F kf = shifted - kShift;
@@ -114,15 +119,31 @@ MTLCORE_INLINE F exp_math(F x) {
   p = madd(p, r, splat<F>(4.1665795894e-2f));
   p = madd(p, r, splat<F>(1.6666665459e-1f));
   p = madd(p, r, splat<F>(5.0000001201e-1f));
-  const F er = madd(p * r, r, r + 1.0f);
-  // k in [-150, 128] for x in range.
-  const auto k = float_bits(shifted) - float_bits(splat<F>(kShift));
+  *k = float_bits(shifted) - float_bits(splat<F>(kShift));
+  return madd(p * r, r, r + 1.0f);
+}
+
+template <typename F>
+MTLCORE_INLINE F exp_math(F x) {
+  decltype(float_bits(x)) k;  // in [-150, 128] for x in range
+  const F er = exp_reduced(x, &k);
   const auto k1 = k >> 1;
   const F s1 = bits_float((k1 + 127) << 23);
   const F s2 = bits_float((k - k1 + 127) << 23);
   const F y = er * s1 * s2;  // NaN for NaN x, which fails both tests below
   const F y_low = x < -104.0f ? F{} : y;
   return x > 88.75f ? splat<F>(std::numeric_limits<float>::infinity()) : y_low;
+}
+
+// exp(d) for the d = x - max <= 0 of a softmax (or NaN, which comes back NaN), with the
+// results below 2^-126 (d < -87.34, -inf included) flushed to 0: then 2^k is one normal
+// float (k in [-126, 0]), so the two-factor scaling and the overflow test of exp_math go, a
+// quarter of its instructions. A softmax sum holds exp(0) = 1, so a flushed term changes
+// neither the loss nor any probability by more than 2^-126.
+MTLCORE_INLINE FloatVec exp_nonpositive(FloatVec d) {
+  IntVec k;
+  const FloatVec y = exp_reduced(d, &k) * bits_float((k + 127) << 23);
+  return d < -87.3365448f ? FloatVec{} : y;
 }
 
 // The Cephes polynomial of log(1 + m) = m - m^2 / 2 + m^3 P(m), for m in [sqrt(1/2) - 1,
@@ -621,83 +642,123 @@ LossPartial ce_rows_transposed(const TaskView& v, const LossWork& w, const LossO
 // Dense float [B, C, S] logits with few classes, in one pass over memory: for each vector of
 // kLanes positions the C planes' logits are loaded into C vector registers (the array below),
 // which then hold exp(x - max) until the gradient is stored; the max, the sum of exps, the
-// target's logit and the loss are registers too. Same math as ce_block and ce_block_grad (the
-// smoothing sum in float: at most kRegisterClasses terms), without their buffer round trips:
-// [8, 13, 64, 64] ran 1.56x as fast forward and 1.39x with the gradient (AVX-512, 1 thread).
-// At 20 and 32 classes, where the array no longer fits the registers, it was no faster than the
-// block loops (0.96-1.04x).
+// target's logit and the loss are registers too. The math of ce_block and ce_block_grad up to
+// rounding (the smoothing sum in float: at most kRegisterClasses terms; exps below 2^-126
+// flushed; the gradient as e (f / s) - smooth f), without their buffer round trips: with a
+// runtime C (the array then on the stack), [8, 13, 64, 64] ran 1.56x as fast forward and 1.39x
+// with the gradient (AVX-512, 1 thread); at 20 and 32 classes it was no faster than the block
+// loops (0.96-1.04x).
 constexpr int64_t kRegisterClasses = 16;
 
-template <bool kGrad>
-LossPartial ce_dense_registers(const TaskView& v, const LossWork& w, const LossOptions& o) {
+// What every vector of positions of one task shares: the gradient's factor f, label
+// smoothing's weights (CeConstants) and whether there is smoothing at all.
+struct RegisterConstants {
+  FloatVec f, keep, smooth;
+  bool smoothing;
+};
+
+// One vector of positions of kClasses planes pixels apart: its loss per position into loss (0
+// where the label t is -1, ignored) and, unless g is null, its gradient into g. kClasses is a
+// compile-time constant, so that the loops unroll and e stays in registers (AVX-512, 1
+// thread, [8, 13, 128, 128]: forward 1.2-1.4 -> 0.8-0.9 ms, with the gradient 1.5 -> 1.3 ms,
+// with exp_nonpositive). A null g is a branch, not an instantiation, which would double the
+// code (16 class counts, 3 ISAs: 300 KB more) for no measurable gain.
+template <int kClasses>
+MTLCORE_INLINE void ce_register_vector(const float* x, float* g, int64_t pixels, IntVec t,
+                                       const RegisterConstants& k, float* loss) {
   using S = Simd<float>;
   using V = S::V;
-  constexpr int64_t L = S::kLanes;
+  V e[kClasses];
+  V m = S::broadcast(-std::numeric_limits<float>::infinity());
+  for (int c = 0; c < kClasses; ++c) {
+    e[c] = S::load(x + c * pixels);
+    m = e[c] > m ? e[c] : m;  // a NaN never wins, as in ce_fill
+  }
+  V x_t = S::zero(), s = S::zero(), sum_d = S::zero();
+  for (int c = 0; c < kClasses; ++c) {
+    const V d = e[c] - m;
+    x_t = t == c ? d : x_t;
+    sum_d += d;
+    e[c] = exp_nonpositive(d);
+    s += e[c];
+  }
+  const auto valid = t >= 0;
+  const V value = log_math(s) - k.keep * x_t - (k.smoothing ? k.smooth * sum_d : S::zero());
+  S::store(loss, valid ? value : S::zero());
+  if (g != nullptr) {
+    // (e / s - smooth - [c == t] keep) f, as e (f / s) - smooth f - [c == t] keep f.
+    // Ignored positions get 0, even where their logits hold a NaN.
+    const V scale = k.f / s, shift = k.smooth * k.f, target_shift = k.keep * k.f;
+    for (int c = 0; c < kClasses; ++c) {
+      V gv = S::fma(e[c], scale, -shift);
+      gv = t == c ? gv - target_shift : gv;
+      S::store(g + c * pixels, valid ? gv : S::zero());
+    }
+  }
+}
+
+template <int kClasses>
+LossPartial ce_dense_registers(const TaskView& v, const LossWork& w, const LossOptions& o) {
+  constexpr int64_t L = Simd<float>::kLanes;
   const float* logits = static_cast<const float*>(v.logits);
   float* grad = static_cast<float*>(v.grad);
-  const int64_t classes = v.classes;
   const int64_t pixels = v.inner;
-  const CeConstants<float> k(o, classes);
-  const V f = S::broadcast(static_cast<float>(v.grad_factor));
-  const V keep = S::broadcast(k.keep), smooth = S::broadcast(k.smooth);
-  CeBlock<float>& blk = ce_block_buffers<float>(classes);  // its labels and losses
+  const CeConstants<float> ck(o, kClasses);
+  const RegisterConstants k{Simd<float>::broadcast(static_cast<float>(v.grad_factor)),
+                            Simd<float>::broadcast(ck.keep), Simd<float>::broadcast(ck.smooth),
+                            ck.smooth != 0.0f};
+  CeBlock<float>& blk = ce_block_buffers<float>(kClasses);  // its labels and losses
   float* losses = blk.s;
   return for_each_dense_block(
       v, w, o, kPixels, blk, [&](int64_t b, int64_t p0, int64_t n, LossPartial& out) {
         const float* x = logits + b * v.logits_stride + p0;
-        float* g = kGrad ? grad + (b * classes * pixels + p0) : nullptr;
-        for (int64_t p = 0; p < n; p += L) {
-          const int len = static_cast<int>(std::min(L, n - p));
-          V e[kRegisterClasses];
-          V m = S::broadcast(-std::numeric_limits<float>::infinity());
-          for (int64_t c = 0; c < classes; ++c) {
-            const float* xc = x + c * pixels + p;
-            e[c] = len == L ? S::load(xc) : S::load_first(xc, len);
-            m = e[c] > m ? e[c] : m;  // a NaN never wins, as in ce_fill
-          }
-          IntVec t;  // past n, lanes the loss sum below and the stores leave out
+        float* g = grad != nullptr ? grad + (b * kClasses * pixels + p0) : nullptr;
+        IntVec t;  // past n, lanes the loss sum below and the stores leave out
+        int64_t p = 0;
+        for (; p + L <= n; p += L) {
           std::memcpy(&t, blk.tt + p, sizeof(t));
-          V x_t = S::zero(), s = S::zero(), sum_d = S::zero();
-          for (int64_t c = 0; c < classes; ++c) {
-            const V d = e[c] - m;
-            x_t = t == static_cast<int32_t>(c) ? d : x_t;
-            sum_d += d;
-            e[c] = exp_math(d);
-            s += e[c];
+          ce_register_vector<kClasses>(x + p, g != nullptr ? g + p : nullptr, pixels, t, k,
+                                       losses + p);
+        }
+        if (p < n) {  // the last len < L positions, through whole vectors on the stack
+          const int len = static_cast<int>(n - p);
+          alignas(64) float xs[kClasses * L], gs[kClasses * L];
+          for (int c = 0; c < kClasses; ++c) {
+            Simd<float>::store(xs + c * L, Simd<float>::load_first(x + p + c * pixels, len));
           }
-          const auto valid = t >= 0;
-          const V loss = log_math(s) - keep * x_t - (k.smooth == 0.0f ? S::zero() : smooth * sum_d);
-          S::store(losses + p, valid ? loss : S::zero());
-          if constexpr (kGrad) {
-            const V inv = 1.0f / s;
-            for (int64_t c = 0; c < classes; ++c) {
-              const V target_term = t == static_cast<int32_t>(c) ? keep : S::zero();
-              const V gv = (e[c] * inv - smooth - target_term) * f;
-              float* gc = g + c * pixels + p;
-              if (len == L) {
-                S::store(gc, valid ? gv : S::zero());
-              } else {
-                S::store_first(gc, valid ? gv : S::zero(), len);
-              }
-            }
+          std::memcpy(&t, blk.tt + p, sizeof(t));
+          ce_register_vector<kClasses>(xs, g != nullptr ? gs : nullptr, L, t, k, losses + p);
+          for (int c = 0; g != nullptr && c < kClasses; ++c) {
+            Simd<float>::store_first(g + p + c * pixels, Simd<float>::load(gs + c * L), len);
           }
         }
         double sum = 0.0;
         int64_t count = 0;
 #pragma omp simd reduction(+ : sum, count)
-        for (int64_t p = 0; p < n; ++p) {
-          sum += static_cast<double>(losses[p]);
-          count += blk.tt[p] >= 0 ? 1 : 0;
+        for (int64_t q = 0; q < n; ++q) {
+          sum += static_cast<double>(losses[q]);
+          count += blk.tt[q] >= 0 ? 1 : 0;
         }
         out.sum += sum;
         out.count += count;
       });
 }
 
+// ce_dense_registers<C> for the task's C (1 to kRegisterClasses).
+template <int... kC>
+LossPartial ce_dense_registers_for(const TaskView& v, const LossWork& w, const LossOptions& o,
+                                   std::integer_sequence<int, kC...>) {
+  using Kernel = LossPartial (*)(const TaskView&, const LossWork&, const LossOptions&);
+  static constexpr Kernel kKernels[] = {&ce_dense_registers<kC + 1>...};
+  return kKernels[v.classes - 1](v, w, o);
+}
+
 template <typename T, typename A, bool kGrad>
 LossPartial ce(const TaskView& v, const LossWork& w, const LossOptions& o) {
   if constexpr (std::is_same_v<T, float>) {
-    if (v.inner > 1 && v.classes <= kRegisterClasses) return ce_dense_registers<kGrad>(v, w, o);
+    if (v.inner > 1 && v.classes <= kRegisterClasses) {
+      return ce_dense_registers_for(v, w, o, std::make_integer_sequence<int, kRegisterClasses>());
+    }
   }
   if (v.inner > 1) return ce_dense<T, A, kGrad>(v, w, o);
   if (v.classes <= kTransposeClasses) return ce_rows_transposed<T, A, kGrad>(v, w, o);
