@@ -27,10 +27,10 @@
 //   stored gradient is rounded once from it. exp and log are our own branch-free float versions
 //   (Cody-Waite range reduction and the Cephes polynomials, about 1 ulp), so the loops
 //   vectorise; their polynomials use fused multiply-add on AVX2/AVX-512. For double the C
-//   library's. ce uses the max-subtracted log-sum-exp; the register loops of dense float ce
-//   flush exps below 2^-126 to 0 (exp_nonpositive). Loss sums are accumulated in double;
-//   their order is fixed by the item's shape (and the vector width of the ISA), never by the
-//   thread count. The ISA paths differ in the last bits (FMA, vector width).
+//   library's. ce uses the max-subtracted log-sum-exp. The exps of ce and bce (of x - max and
+//   -|x|, never positive) flush results below 2^-126 to 0 (exp_nonpositive). Loss sums are
+//   accumulated in double; their order is fixed by the item's shape (and the vector width of the
+//   ISA), never by the thread count. The ISA paths differ in the last bits (FMA, vector width).
 #include "cpu/multitask_loss_kernels.h"
 #include "cpu/simd.h"
 
@@ -94,56 +94,36 @@ MTLCORE_INLINE IntVec float_bits(FloatVec x) { return reinterpret_cast<IntVec>(x
 MTLCORE_INLINE float bits_float(int32_t i) { return std::bit_cast<float>(i); }
 MTLCORE_INLINE FloatVec bits_float(IntVec i) { return reinterpret_cast<FloatVec>(i); }
 
-// exp(x) for every float x: exact 0 below -104 (after gradual underflow), inf above 88.75,
-// NaN for NaN. One source for floats (in loops the compiler vectorises) and for Simd<float>
-// vectors (in loops written with them). x = k ln2 + r with k = round(x / ln2), found by the
-// 1.5 * 2^23 shift (k ends up in the low mantissa bits, read with integer operations: no
-// float-to-int conversion, which would be undefined out of range); 2^k is applied as two
-// factors so that results in the subnormal range are rounded once; exp(r) is Cephes'
-// polynomial. (Estrin's scheme for it, tried, made the loops over class-major blocks 10%
-// slower.) Arguments out of range run through the same arithmetic (their k is meaningless)
-// and are replaced by selects on the result: a clamp of x before the arithmetic makes the
-// compiler evaluate the clamped cases separately and blend them in, which doubles the vector
-// code.
-// exp(r) for the reduced argument: x = k ln2 + r, |r| <= ln2 / 2, with k = round(x / ln2)
-// returned in *k (exact for x in [-150 ln2, 128 ln2]; meaningless outside).
+// exp(d) for d <= 0 (or NaN, which comes back NaN): every exp of the losses is of such an
+// argument, a softmax's x - max or bce's -|x|. One source for floats (in loops the compiler
+// vectorises) and for Simd<float> vectors (in loops written with them). d = k ln2 + r with
+// k = round(d / ln2), found by the 1.5 * 2^23 shift (k ends up in the low mantissa bits, read
+// with integer operations: no float-to-int conversion, which would be undefined out of range);
+// exp(r) is Cephes' polynomial (about 1 ulp). (Estrin's scheme for it, tried, made the loops
+// over class-major blocks 10% slower.) Results below 2^-126 (d < -87.34, -inf included) are
+// flushed to 0, so that 2^k is one normal float (k in [-126, 0]): an exp of every float, with
+// 2^k as two factors (for results in the subnormal range) and an overflow test, took a quarter
+// more instructions. A softmax sum holds exp(0) = 1 and bce adds 1 to its exp, so a flushed
+// term changes no loss and no gradient by more than 2^-126. Arguments out of range run through
+// the same arithmetic (their k is meaningless) and are replaced by a select on the result: a
+// clamp of d before the arithmetic makes the compiler evaluate the clamped cases separately
+// and blend them in, which doubles the vector code.
 template <typename F>
-MTLCORE_INLINE F exp_reduced(F x, decltype(float_bits(x))* k) {
+MTLCORE_INLINE F exp_nonpositive(F d) {
   constexpr float kShift = 12582912.0f;  // 1.5 * 2^23
-  const F shifted = madd(x, splat<F>(1.44269504088896341f), splat<F>(kShift));
+  const F shifted = madd(d, splat<F>(1.44269504088896341f), splat<F>(kShift));
   const F kf = shifted - kShift;
-  const F r = madd(kf, splat<F>(2.12194440e-4f), madd(kf, splat<F>(-0.693359375f), x));
+  const F r = madd(kf, splat<F>(2.12194440e-4f), madd(kf, splat<F>(-0.693359375f), d));
   F p = splat<F>(1.9875691500e-4f);
   p = madd(p, r, splat<F>(1.3981999507e-3f));
   p = madd(p, r, splat<F>(8.3334519073e-3f));
   p = madd(p, r, splat<F>(4.1665795894e-2f));
   p = madd(p, r, splat<F>(1.6666665459e-1f));
   p = madd(p, r, splat<F>(5.0000001201e-1f));
-  *k = float_bits(shifted) - float_bits(splat<F>(kShift));
-  return madd(p * r, r, r + 1.0f);
-}
-
-template <typename F>
-MTLCORE_INLINE F exp_math(F x) {
-  decltype(float_bits(x)) k;  // in [-150, 128] for x in range
-  const F er = exp_reduced(x, &k);
-  const auto k1 = k >> 1;
-  const F s1 = bits_float((k1 + 127) << 23);
-  const F s2 = bits_float((k - k1 + 127) << 23);
-  const F y = er * s1 * s2;  // NaN for NaN x, which fails both tests below
-  const F y_low = x < -104.0f ? F{} : y;
-  return x > 88.75f ? splat<F>(std::numeric_limits<float>::infinity()) : y_low;
-}
-
-// exp(d) for the d = x - max <= 0 of a softmax (or NaN, which comes back NaN), with the
-// results below 2^-126 (d < -87.34, -inf included) flushed to 0: then 2^k is one normal
-// float (k in [-126, 0]), so the two-factor scaling and the overflow test of exp_math go, a
-// quarter of its instructions. A softmax sum holds exp(0) = 1, so a flushed term changes
-// neither the loss nor any probability by more than 2^-126.
-MTLCORE_INLINE FloatVec exp_nonpositive(FloatVec d) {
-  IntVec k;
-  const FloatVec y = exp_reduced(d, &k) * bits_float((k + 127) << 23);
-  return d < -87.3365448f ? FloatVec{} : y;
+  const F er = madd(p * r, r, r + 1.0f);
+  const auto k = float_bits(shifted) - float_bits(splat<F>(kShift));
+  const F y = er * bits_float((k + 127) << 23);  // NaN for NaN d, which fails the test below
+  return d < -87.3365448f ? F{} : y;
 }
 
 // The Cephes polynomial of log(1 + m) = m - m^2 / 2 + m^3 P(m), for m in [sqrt(1/2) - 1,
@@ -167,7 +147,7 @@ MTLCORE_INLINE float int_to_float(int32_t i) { return static_cast<float>(i); }
 MTLCORE_INLINE FloatVec int_to_float(IntVec i) { return __builtin_convertvector(i, FloatVec); }
 
 // log(x) for x >= 1 (our callers: sums that include exp(0) = 1), and x = inf or NaN, which
-// come back unchanged; for floats and Simd<float> vectors, as exp_math.
+// come back unchanged; for floats and Simd<float> vectors, as exp_nonpositive.
 template <typename F>
 MTLCORE_INLINE F log_math(F x) {
   const auto bits = float_bits(x);
@@ -185,7 +165,7 @@ MTLCORE_INLINE F log_math(F x) {
   return x - x == 0.0f ? r : x;  // false for inf and NaN
 }
 
-MTLCORE_INLINE double exp_math(double x) { return std::exp(x); }
+MTLCORE_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 MTLCORE_INLINE double log_math(double x) { return std::log(x); }
 
 // log(1 + e) for e in [0, 1] (bce's log(1 + exp(-|x|))), accurate for tiny e: for
@@ -327,14 +307,15 @@ MTLCORE_INLINE RowSums<float> row_sums(const T* x, int64_t classes, bool smooth,
   const V mv = S::broadcast(r.m);
   V s0 = S::zero(), s1 = S::zero();
   for (c = 0; c + 2 * L <= padded; c += 2 * L) {
-    const V a = exp_math(S::load(e + c) - mv), a1 = exp_math(S::load(e + c + L) - mv);
+    const V a = exp_nonpositive(S::load(e + c) - mv);
+    const V a1 = exp_nonpositive(S::load(e + c + L) - mv);
     S::store(e + c, a);
     S::store(e + c + L, a1);
     s0 += a;
     s1 += a1;
   }
   if (c < padded) {
-    const V a = exp_math(S::load(e + c) - mv);
+    const V a = exp_nonpositive(S::load(e + c) - mv);
     S::store(e + c, a);
     s0 += a;
   }
@@ -360,7 +341,7 @@ MTLCORE_INLINE RowSums<double> row_sums(const T* x, int64_t classes, bool smooth
 #pragma omp simd reduction(+ : s, sum_d)
     for (int64_t c = 0; c < classes; ++c) {
       const double d = e[c] - m;
-      const double ec = exp_math(d);
+      const double ec = exp_nonpositive(d);
       e[c] = ec;
       s += ec;
       sum_d += d;
@@ -368,7 +349,7 @@ MTLCORE_INLINE RowSums<double> row_sums(const T* x, int64_t classes, bool smooth
   } else {
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < classes; ++c) {
-      const double ec = exp_math(e[c] - m);
+      const double ec = exp_nonpositive(e[c] - m);
       e[c] = ec;
       s += ec;
     }
@@ -509,7 +490,7 @@ void ce_block_exps(int64_t n, int64_t classes, CeBlock<A>& blk) {
 #pragma omp simd
     for (int64_t p = 0; p < n; ++p) {
       const A d = ec[p] - m[p];
-      const A ev = exp_math(d);
+      const A ev = exp_nonpositive(d);
       ec[p] = ev;
       s[p] += ev;
       if constexpr (kSmooth) sum_d[p] += static_cast<double>(d);
@@ -806,7 +787,7 @@ void elementwise_run(const T* x, const Tt* y, T* g, A f, int64_t n, LossPartial*
     const int64_t j1 = std::min(n, j0 + kSumChunk);
     if constexpr (K == LossKind::kBce) {
 #pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) exps[j - j0] = exp_math(-std::abs(load<A>(x, j)));
+      for (int64_t j = j0; j < j1; ++j) exps[j - j0] = exp_nonpositive(-std::abs(load<A>(x, j)));
     }
     A sum = A(0);
     int32_t count = 0;
