@@ -2,7 +2,9 @@
 //
 // Each backend registers its kernels in its own file with TORCH_LIBRARY_IMPL:
 //   csrc/cpu/<family>.cpp  (CPU)      csrc/cuda/<family>.cu  (CUDA)
-// Fake kernels and autograd are registered from Python (python/mtlcore/ops.py).
+// Fake kernels are registered from Python (python/mtlcore/ops.py), and so is the autograd of
+// max_pool2d and conv2d_act_with_preact; conv2d_act's and multitask_loss's is in C++
+// (common/*_autograd.cpp).
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -14,7 +16,7 @@ TORCH_LIBRARY(mtlcore, m) {
   // act(conv2d(input, weight, bias)) in one pass: the bias and the activation are applied to
   // each output tile before it is stored. padding: (pad_h, pad_w) or (top, bottom, left, right).
   // activation: identity, relu, leaky_relu, gelu, gelu_tanh, silu, sigmoid, tanh. The output is
-  // contiguous NCHW.
+  // contiguous NCHW. Differentiable (C++ autograd).
   m.def(
       "conv2d_act(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
       "int[] dilation, int groups, str activation, float negative_slope) -> Tensor");

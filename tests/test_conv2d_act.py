@@ -348,7 +348,7 @@ def test_negative_leaky_slope_saves_the_preactivation(device):
 
 @pytest.mark.parametrize("activation", ["gelu", "relu"])
 def test_direct_op_call_is_differentiable(device, activation):
-    """torch.ops.mtlcore.conv2d_act itself has autograd (gelu recomputes its pre-activation)."""
+    """torch.ops.mtlcore.conv2d_act itself has autograd (in C++; gelu keeps its pre-activation)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 7, 7, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
@@ -382,6 +382,66 @@ def test_only_needed_gradients_are_computed(device):
         [False, True, False],
     )
     assert gi.numel() == 0 and gb.numel() == 0 and gw.shape == w.shape
+
+
+class _BackwardMasks(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output_mask of every conv2d_act_backward call, and the preact/output
+    tensor the backward receives (its `saved` argument)."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks, self.saved = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.mtlcore.conv2d_act_backward.default:
+            self.masks.append(list(args[10]))
+            self.saved.append(args[3])
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_computes_what_the_engine_uses(device):
+    """The autograd node asks the kernel only for the gradients this backward call uses (not
+    every input that requires grad): autograd.grad of the input alone computes no weight or bias
+    gradient, backward(inputs=...) likewise; each returned gradient matches the reference."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 7, 7, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64).to(device)
+    b = torch.randn(5, generator=gen, dtype=torch.float64).to(device)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    h = x * 1.5  # a non-leaf input, as inside a network
+    ref_out = reference.conv2d_act(h, w, b, padding=1, activation="gelu")
+    expected = dict(zip("hwb", torch.autograd.grad(ref_out.sum(), (h, w, b)), strict=True))
+    out = ops.conv2d_act(h, w, b, padding=1, activation="gelu")
+    for wanted, mask in [("h", [True, False, False]), ("wb", [False, True, True])]:
+        with _BackwardMasks() as seen:
+            got = torch.autograd.grad(
+                out.sum(), [dict(h=h, w=w, b=b)[k] for k in wanted], retain_graph=True
+            )
+        assert seen.masks == [mask]
+        for k, g in zip(wanted, got, strict=True):
+            assert_close(g, expected[k])
+    with _BackwardMasks() as seen:
+        out.sum().backward(inputs=[b], retain_graph=True)
+    assert seen.masks == [[False, False, True]]
+    assert_close(b.grad, expected["b"])
+    # gelu's backward gets the pre-activation, kept by the forward (not recomputed).
+    assert_close(seen.saved[0], F.conv2d(h, w, b, padding=1))
+    with _BackwardMasks() as seen:
+        out.sum().backward()
+    assert seen.masks == [[True, True, True]]
+    assert_close(w.grad, expected["w"])
+    assert_close(x.grad, 1.5 * expected["h"])
+
+
+def test_changing_the_output_in_place_is_caught(device):
+    """relu's backward reads the output: modifying it in place before backward must raise, as
+    for torch's own ops (the node keeps it detached, sharing its version counter)."""
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    out = ops.conv2d_act(x, w, None, activation="relu")
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_empty_batch(device):

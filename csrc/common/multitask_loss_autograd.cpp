@@ -12,7 +12,6 @@
 // plain multitask_loss kernel (no gradient is computed). Double backward is not supported
 // (the saved gradients are constants to the graph); compiled autograd falls back to eager for
 // this node.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/engine.h>
@@ -22,10 +21,11 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "common/autograd_node.h"
+
 #include <memory>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace mtlcore {
@@ -54,11 +54,6 @@ using BackwardSig = std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor>(
 
 // Keys of tensors that belong to a tracer rather than to memory of their own.
 const c10::DispatchKeySet kTracerKeys({c10::DispatchKey::Python, c10::DispatchKey::Functionalize});
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
 
 SavedVariable save(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? SavedVariable(*t, false) : SavedVariable();
@@ -140,16 +135,6 @@ struct MultitaskLossBackward : public Node {
     return out;
   }
 };
-
-// c10::intrusive_ptr nodes in recent torch, std::shared_ptr ones before.
-template <typename N>
-auto make_node() {
-  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
-    return c10::make_intrusive<N>();
-  } else {
-    return std::make_shared<N>();
-  }
-}
 
 bool requires_grad(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->requires_grad();

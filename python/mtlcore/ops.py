@@ -330,14 +330,10 @@ def conv2d_act(
         input, weight = input.to(cast), weight.to(cast)
         bias = bias.to(cast) if bias is not None else None
     args = (input, weight, bias, stride_, padding_, dilation_, int(groups), activation)
-    slope = float(negative_slope)
-    wants_grad = torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
     try:
-        if wants_grad and needs_preactivation(activation, slope):
-            return torch.ops.mtlcore.conv2d_act_with_preact(*args, slope)[0]
-        return torch.ops.mtlcore.conv2d_act(*args, slope)
+        # Autograd in C++ (csrc/common/conv2d_act_autograd.cpp): it keeps the pre-activation
+        # instead of the output when the activation's derivative needs it.
+        return torch.ops.mtlcore.conv2d_act(*args, float(negative_slope))
     except NotImplementedError as e:
         raise_for_layout("conv2d_act", e, input=input, weight=weight, bias=bias)
         raise
@@ -384,29 +380,18 @@ def _conv2d_act_backward_fake(
 
 
 def _conv2d_act_setup(ctx, inputs, output) -> None:
+    # conv2d_act_with_preact called directly (conv2d_act's autograd is in C++).
     input, weight, bias, stride, padding, dilation, groups, activation, slope = inputs
-    if isinstance(output, tuple):  # conv2d_act_with_preact: (output, preact)
-        out, preact = output
-        ctx.mark_non_differentiable(preact)
-        saved = preact if needs_preactivation(activation, slope) else out
-        ctx.recompute = False
-    else:
-        # conv2d_act called directly with an activation whose backward needs the
-        # pre-activation: it is recomputed in backward (mtlcore.ops.conv2d_act avoids this).
-        ctx.recompute = needs_preactivation(activation, slope)
-        saved = None if ctx.recompute else output
+    out, preact = output
+    ctx.mark_non_differentiable(preact)
     ctx.conv = (stride, padding, dilation, groups, activation, slope)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(input, weight, bias if ctx.recompute else None, saved)
+    ctx.save_for_backward(input, weight, preact if needs_preactivation(activation, slope) else out)
 
 
 def _conv2d_act_backward(ctx, grad_output, *unused):
-    input, weight, bias, saved = ctx.saved_tensors
+    input, weight, saved = ctx.saved_tensors
     stride, padding, dilation, groups, activation, slope = ctx.conv
-    if ctx.recompute:
-        saved = torch.ops.mtlcore.conv2d_act(
-            input, weight, bias, stride, padding, dilation, groups, "identity", 0.0
-        )
     mask = [
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
@@ -432,9 +417,6 @@ def _conv2d_act_backward(ctx, grad_output, *unused):
     return tuple(g if m else None for g, m in zip(grads, mask, strict=True)) + (None,) * 6
 
 
-torch.library.register_autograd(
-    "mtlcore::conv2d_act", _conv2d_act_backward, setup_context=_conv2d_act_setup
-)
 torch.library.register_autograd(
     "mtlcore::conv2d_act_with_preact", _conv2d_act_backward, setup_context=_conv2d_act_setup
 )
