@@ -3,7 +3,7 @@
 // Each backend registers its kernels in its own file with TORCH_LIBRARY_IMPL:
 //   csrc/cpu/<family>.cpp  (CPU)      csrc/cuda/<family>.cu  (CUDA)
 // Fake kernels are registered from Python (python/mtlcore/ops.py), and so is the autograd of
-// max_pool2d and conv2d_act_with_preact; conv2d_act's and multitask_loss's is in C++
+// conv2d_act_with_preact; that of conv2d_act, max_pool2d and multitask_loss is in C++
 // (common/*_autograd.cpp).
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
@@ -38,6 +38,7 @@ TORCH_LIBRARY(mtlcore, m) {
   // F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode) without indices
   // (common/max_pool2d_args.h): NaN propagates; the output is channels_last when input is,
   // contiguous NCHW otherwise. Pairs (height, width); padding is at most half the kernel.
+  // Differentiable (C++ autograd).
   m.def(
       "max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
       "int[2] dilation, bool ceil_mode) -> Tensor");

@@ -168,6 +168,21 @@ def test_empty_batch_and_channels(device):
         assert torch.autograd.grad(out.sum(), x)[0].shape == x.shape
 
 
+def test_graph_node_keeps_only_the_input(device):
+    """The autograd node (C++) keeps the input, not indices: changing the input in place
+    before backward must raise, as for torch's ops; without grad no node is made."""
+    x = torch.randn(2, 3, 8, 8, device=device, requires_grad=True)
+    h = x * 2
+    out = ops.max_pool2d(h, 2)
+    assert out.grad_fn is not None and out.grad_fn.name() == "MaxPool2dBackward"
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert ops.max_pool2d(x, 2).grad_fn is None
+    assert ops.max_pool2d(x.detach(), 2).grad_fn is None
+
+
 def test_cpu_results_do_not_depend_on_threads():
     results = []
     old = torch.get_num_threads()

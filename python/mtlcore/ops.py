@@ -518,24 +518,7 @@ def _max_pool2d_backward_fake(
     return _pool_like(input, input.shape[2], input.shape[3])
 
 
-def _max_pool2d_setup(ctx, inputs, output) -> None:
-    input, *ctx.pool = inputs
-    ctx.save_for_backward(input)
-
-
-def _max_pool2d_backward(ctx, grad_output):
-    (input,) = ctx.saved_tensors
-    try:
-        grad = torch.ops.mtlcore.max_pool2d_backward(grad_output, input, *ctx.pool)
-    except NotImplementedError as e:  # e.g. a sparse gradient passed to backward()
-        raise_for_layout("max_pool2d (backward)", e, grad_output=grad_output)
-        raise
-    return (grad,) + (None,) * 5
-
-
-torch.library.register_autograd(
-    "mtlcore::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup
-)
+# max_pool2d's autograd is in C++ (csrc/common/max_pool2d_autograd.cpp).
 
 
 # --------------------------------------------------------------------------------------------
