@@ -1,7 +1,9 @@
 // Helpers of the C++ autograd registrations (common/*_autograd.cpp).
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <memory>
@@ -23,6 +25,13 @@ auto make_node() {
   } else {
     return std::make_shared<N>();
   }
+}
+
+// A gradient that reaches a node must be dense: our backward kernels take strided tensors only
+// (a sparse one passed to backward() would otherwise fail in the dispatcher, naming no argument).
+inline void check_dense_grad(const char* op, const at::Tensor& grad) {
+  TORCH_CHECK(grad.layout() == at::kStrided, op, " (backward): grad_output has layout ",
+              grad.layout(), "; only dense (strided) tensors are supported");
 }
 
 }  // namespace mtlcore

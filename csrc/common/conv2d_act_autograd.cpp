@@ -55,7 +55,6 @@ struct Conv2dActBackward : public Node {
   int64_t groups = 1;
   std::string activation;
   double negative_slope = 0.0;
-  bool has_bias = false;
 
   std::string name() const override { return "Conv2dActBackward"; }
 
@@ -70,11 +69,11 @@ struct Conv2dActBackward : public Node {
     variable_list out(3);
     const at::Tensor& grad = incoming[0];
     if (!grad.defined()) return out;
-    TORCH_CHECK(grad.layout() == at::kStrided, "mtlcore.conv2d_act (backward): grad_output has ",
-                "layout ", grad.layout(), "; only dense (strided) tensors are supported");
-    // The edges the engine will follow in this backward call (not only those that exist).
+    check_dense_grad("mtlcore.conv2d_act", grad);
+    // The edges the engine will follow in this backward call (not only those that exist: a
+    // missing bias, or one that needs no gradient, has no edge).
     const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
-                                   has_bias && task_should_compute_output(2)};
+                                   task_should_compute_output(2)};
     if (!mask[0] && !mask[1] && !mask[2]) return out;
     auto [grad_input, grad_weight, grad_bias] =
         op.call(grad, input.unpack(), weight.unpack(), saved.unpack(), stride, padding, dilation,
@@ -126,7 +125,6 @@ at::Tensor conv2d_act_autograd(const at::Tensor& input, const at::Tensor& weight
   node->groups = groups;
   node->activation = std::string(activation.data(), activation.size());
   node->negative_slope = negative_slope;
-  node->has_bias = bias.has_value() && bias->defined();
   // The output is saved detached (it shares the version counter, so an in-place change of it
   // is still caught): saved as itself it would hold its own grad_fn, this node.
   node->saved = SavedVariable(keep_preact ? preact : output.detach(), false);

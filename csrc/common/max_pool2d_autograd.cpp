@@ -47,8 +47,7 @@ struct MaxPool2dBackward : public Node {
     variable_list out(1);
     const at::Tensor& grad = incoming[0];
     if (!grad.defined() || !task_should_compute_output(0)) return out;
-    TORCH_CHECK(grad.layout() == at::kStrided, "mtlcore.max_pool2d (backward): grad_output has ",
-                "layout ", grad.layout(), "; only dense (strided) tensors are supported");
+    check_dense_grad("mtlcore.max_pool2d", grad);
     out[0] = op.call(grad, input.unpack(), kernel_size, stride, padding, dilation, ceil_mode);
     return out;
   }
