@@ -51,6 +51,28 @@ class CompiledOnce:
         return out
 
 
+def assert_double_backward_raises(out: torch.Tensor, inputs: list[torch.Tensor], op: str) -> None:
+    """Our backward kernels have no derivative: gradients of ``out`` computed with
+    create_graph=True must equal the plain ones (and come without PyTorch's "autograd kernel
+    was not registered" warning), and differentiating them must raise an error naming ``op``,
+    both through ``backward()`` and through ``torch.autograd.grad`` (not count as constants,
+    which would make a second derivative silently zero)."""
+    import warnings
+
+    plain = torch.autograd.grad(out, inputs, retain_graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = torch.autograd.grad(out, inputs, create_graph=True)
+    for g, p in zip(grads, plain, strict=True):
+        assert torch.equal(g, p)
+        assert g.requires_grad
+    match = f"mtlcore.{op}: double backward is not supported"
+    with pytest.raises(RuntimeError, match=match):
+        torch.autograd.grad(sum((g * g).sum() for g in grads), inputs, retain_graph=True)
+    with pytest.raises(RuntimeError, match=match):
+        sum((g * g).sum() for g in grads).backward()
+
+
 # Hypothesis profiles for tests/test_fuzz.py: "ci" (the default) replays a fixed seed with a
 # bounded number of examples so `make test` stays quick and reproducible; "long" (`make fuzz`)
 # draws fresh random cases, many more of them.

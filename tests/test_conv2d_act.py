@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, CompiledOnce
+from conftest import CUDA, CompiledOnce, assert_double_backward_raises
 from torch import nn
 
 from mtlcore import nn as mnn
@@ -334,6 +334,22 @@ def test_gradcheck_float64_wide_layer(device, groups):
         return ops.conv2d_act(x, w, b, stride, padding, dilation, groups, "silu")
 
     assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_double_backward_raises(device, activation):
+    """Through the C++ graph node (conv2d_act) and the Python registration of
+    conv2d_act_with_preact (gelu keeps the pre-activation)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    b = torch.randn(4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    out = ops.conv2d_act(x * 1.5, w, b, padding=1, activation=activation)
+    assert_double_backward_raises(out.sum(), [x, w, b], "conv2d_act")
+    out, _ = torch.ops.mtlcore.conv2d_act_with_preact(
+        x * 1.5, w, b, [1, 1], [1, 1], [1, 1], 1, activation, 0.0
+    )
+    assert_double_backward_raises(out.sum(), [x, w, b], "conv2d_act")
 
 
 def test_negative_leaky_slope_saves_the_preactivation(device):

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, CompiledOnce
+from conftest import CUDA, CompiledOnce, assert_double_backward_raises
 from torch import nn
 
 from mtlcore import nn as mnn
@@ -158,6 +158,11 @@ def test_gradcheck_float64(device):
         x = torch.randperm(2 * 3 * 7 * 6, generator=gen).reshape(2, 3, 7, 6).double() / 7
         x = layout(x.to(device), kind).requires_grad_()
         assert torch.autograd.gradcheck(ops.max_pool2d, (x, k, s, p, d, ceil))
+
+
+def test_double_backward_raises(device):
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
+    assert_double_backward_raises(ops.max_pool2d(x * 2, 2).sum(), [x], "max_pool2d")
 
 
 def test_empty_batch_and_channels(device):

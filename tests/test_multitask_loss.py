@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, CompiledOnce, assert_device_side_assertion
+from conftest import (
+    CUDA,
+    CompiledOnce,
+    assert_device_side_assertion,
+    assert_double_backward_raises,
+)
 
 from mtlcore import ops, reference
 from mtlcore.nn import MultiTaskLoss
@@ -388,6 +393,22 @@ def test_half_precision_mse_gradient_of_large_differences(device):
     (grad,) = torch.autograd.grad(per_task[0], [x])
     assert grad.dtype == torch.float16
     assert torch.equal(grad, torch.full_like(grad, 10000.0))
+
+
+@pytest.mark.parametrize("into", ["total", "per_task"])
+def test_double_backward_raises(device, into):
+    g = torch.Generator().manual_seed(1)
+    x_ce = torch.randn(5, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    x_mse = torch.randn(3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.rand(2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    r = torch.rand(2, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    y_ce = torch.tensor([0, 3, -100, 1, 2], device=device)
+    y_mse = torch.randn(3, 2, generator=g, dtype=torch.float64).to(device)
+    total, per_task = ops.multitask_loss([x_ce * 2, x_mse], [y_ce, y_mse], ["ce", "mse"], w, r)
+    out = total if into == "total" else (per_task * torch.arange(1.0, 3.0, device=device)).sum()
+    assert_double_backward_raises(
+        out, [x_ce, x_mse, w, r] if into == "total" else [x_ce, x_mse], "multitask_loss"
+    )
 
 
 def test_gradcheck_float64(device):

@@ -5,9 +5,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/grad_mode.h>
 
+#include <algorithm>
 #include <memory>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 namespace mtlcore {
 
@@ -18,12 +24,12 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
 }
 
 // A new graph node: c10::intrusive_ptr nodes in recent torch, std::shared_ptr ones before.
-template <typename N>
-auto make_node() {
+template <typename N, typename... Args>
+auto make_node(Args&&... args) {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
-    return c10::make_intrusive<N>();
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
   } else {
-    return std::make_shared<N>();
+    return std::make_shared<N>(std::forward<Args>(args)...);
   }
 }
 
@@ -32,6 +38,34 @@ auto make_node() {
 inline void check_dense_grad(const char* op, const at::Tensor& grad) {
   TORCH_CHECK(grad.layout() == at::kStrided, op, " (backward): grad_output has layout ",
               grad.layout(), "; only dense (strided) tensors are supported");
+}
+
+// Our backward kernels have no derivative of their own. With create_graph=True (grad mode on
+// while a node runs), the gradients a node returns become part of a graph, and without this
+// they would be constants in it: a second derivative through them would silently come out as
+// zero (or fail as "not used in the graph"). Each defined gradient in grads is given instead an
+// Error node for grad_fn, with edges to what it depends on (the node's inputs, its next edges,
+// and the incoming gradients), so that differentiating it raises op's message. Outside grad
+// mode, or when none of those requires grad, grads are left as they are.
+inline void forbid_double_backward(const char* op, const torch::autograd::Node& node,
+                                   const torch::autograd::variable_list& incoming,
+                                   torch::autograd::variable_list& grads) {
+  if (!torch::autograd::GradMode::is_enabled()) return;
+  torch::autograd::edge_list edges = node.next_edges();
+  for (auto& e : torch::autograd::collect_next_edges(incoming)) edges.push_back(std::move(e));
+  if (std::none_of(edges.begin(), edges.end(), [](const auto& e) { return e.is_valid(); })) {
+    return;
+  }
+  auto error = make_node<torch::autograd::Error>(
+      std::string(op) +
+          ": double backward is not supported: this gradient was computed with "
+          "create_graph=True by a backward kernel that has no derivative of its own",
+      std::move(edges));
+  for (auto& g : grads) {
+    if (!g.defined()) continue;
+    g = g.tensor_data();  // a new tensor (same memory): a returned buffer may also be saved
+    torch::autograd::set_history(g, error);
+  }
 }
 
 }  // namespace mtlcore

@@ -11,8 +11,9 @@
 //
 // Without grad mode, or with no input that requires grad, the call goes straight to the
 // forward kernel and nothing is kept. Double backward is not supported (the backward op has no
-// derivative); compiled autograd falls back to eager for this node. conv2d_act_with_preact,
-// when called directly, has its autograd in Python (python/mtlcore/ops.py).
+// derivative): a gradient computed with create_graph=True raises when it is differentiated
+// (forbid_double_backward). Compiled autograd falls back to eager for this node.
+// conv2d_act_with_preact, when called directly, has its autograd in Python (python/mtlcore/ops.py).
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -75,12 +76,15 @@ struct Conv2dActBackward : public Node {
     const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
                                    task_should_compute_output(2)};
     if (!mask[0] && !mask[1] && !mask[2]) return out;
+    // Below autograd: the op has no derivative (forbid_double_backward below says so).
+    at::AutoDispatchBelowADInplaceOrView guard;
     auto [grad_input, grad_weight, grad_bias] =
         op.call(grad, input.unpack(), weight.unpack(), saved.unpack(), stride, padding, dilation,
                 groups, activation, negative_slope, mask);
     if (mask[0]) out[0] = std::move(grad_input);
     if (mask[1]) out[1] = std::move(grad_weight);
     if (mask[2]) out[2] = std::move(grad_bias);
+    forbid_double_backward("mtlcore.conv2d_act", *this, incoming, out);
     return out;
   }
 };

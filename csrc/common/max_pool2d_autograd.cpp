@@ -6,7 +6,9 @@
 // per call, more than pooling a small feature map.
 //
 // Without grad mode, or when the input does not require grad, the call goes straight to the
-// forward kernel. Double backward is not supported (the backward op has no derivative).
+// forward kernel. Double backward is not supported (the backward op has no
+// derivative): a gradient computed with create_graph=True raises when it is differentiated
+// (forbid_double_backward).
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -48,7 +50,9 @@ struct MaxPool2dBackward : public Node {
     const at::Tensor& grad = incoming[0];
     if (!grad.defined() || !task_should_compute_output(0)) return out;
     check_dense_grad("mtlcore.max_pool2d", grad);
+    at::AutoDispatchBelowADInplaceOrView guard;  // the op has no derivative (see below)
     out[0] = op.call(grad, input.unpack(), kernel_size, stride, padding, dilation, ceil_mode);
+    forbid_double_backward("mtlcore.max_pool2d", *this, incoming, out);
     return out;
   }
 };

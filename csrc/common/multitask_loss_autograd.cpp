@@ -10,8 +10,9 @@
 //
 // Without grad mode, or with no input that requires grad, the call goes straight to the
 // plain multitask_loss kernel (no gradient is computed). Double backward is not supported
-// (the saved gradients are constants to the graph); compiled autograd falls back to eager for
-// this node.
+// (the saved gradients are constants to the graph): a gradient computed with create_graph=True
+// raises when it is differentiated (forbid_double_backward). Compiled autograd falls back to
+// eager for this node.
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/engine.h>
@@ -90,6 +91,7 @@ struct MultitaskLossBackward : public Node {
     for (size_t i = 0; i < t; ++i) any_logits = any_logits || should_compute_output(i);
     const std::array<bool, 3> mask{any_logits, has_weights && should_compute_output(t),
                                    has_relation && should_compute_output(t + 1)};
+    at::AutoDispatchBelowADInplaceOrView guard;  // the ops have no derivative (see the end)
     const auto opt = [](const at::Tensor& x) {
       return x.defined() ? std::optional<at::Tensor>(x) : std::nullopt;
     };
@@ -132,6 +134,7 @@ struct MultitaskLossBackward : public Node {
     }
     if (mask[1]) out[t] = std::move(grad_weights);
     if (mask[2]) out[t + 1] = std::move(grad_relation);
+    forbid_double_backward("mtlcore.multitask_loss", *this, incoming, out);
     return out;
   }
 };

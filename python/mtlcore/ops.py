@@ -304,6 +304,8 @@ def conv2d_act(
     The bias and the activation are applied to each output tile before it is stored; the
     backward applies the activation's derivative and reduces the bias gradient in its first
     pass over the output gradient, then computes only the gradients that are needed.
+    Differentiable once: differentiating a gradient computed with ``create_graph=True``
+    raises (no double backward).
 
     Args:
         input: ``[N, C, H, W]``, any strides (NCHW, channels_last, views).
@@ -414,7 +416,29 @@ def _conv2d_act_backward(ctx, grad_output, *unused):
     except NotImplementedError as e:  # e.g. a sparse gradient passed to backward()
         raise_for_layout("conv2d_act (backward)", e, grad_output=grad_output)
         raise
-    return tuple(g if m else None for g, m in zip(grads, mask, strict=True)) + (None,) * 6
+    grads = tuple(g if m else None for g, m in zip(grads, mask, strict=True))
+    return _forbid_double_backward("conv2d_act", grads, (grad_output, input, weight)) + (None,) * 6
+
+
+def _forbid_double_backward(
+    op: str, grads: tuple[Tensor | None, ...], depends_on: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """The gradients of a backward kernel that has no derivative of its own, made to raise when
+    they are differentiated (computed with create_graph=True) instead of silently counting as
+    constants: the Python counterpart of forbid_double_backward in csrc/common/autograd_node.h.
+    torch's DelayedError node (as in torch.autograd.function.once_differentiable) passes them
+    through with an Error node for grad_fn whose edges lead to ``depends_on``."""
+    needed = [t for t in depends_on if t.requires_grad]
+    if not torch.is_grad_enabled() or not needed:
+        return grads
+    present = [g for g in grads if g is not None]
+    message = (
+        f"mtlcore.{op}: double backward is not supported: this gradient was computed with "
+        "create_graph=True by a backward kernel that has no derivative of its own"
+    )
+    error = torch._C._functions.DelayedError(message.encode(), len(present) + len(needed))
+    wrapped = iter(error(*present, *needed)[: len(present)])
+    return tuple(next(wrapped) if g is not None else None for g in grads)
 
 
 torch.library.register_autograd(
@@ -454,7 +478,8 @@ def max_pool2d(
     first maximum (its last NaN), padding never wins. The backward finds each window's maximum
     again from the input instead of keeping an int64 index per output element, so the memory
     kept for backward is the input alone (the tensor the preceding ``conv2d_act`` keeps
-    anyway, when it feeds the pool).
+    anyway, when it feeds the pool). Differentiable once: differentiating a gradient computed
+    with ``create_graph=True`` raises (no double backward).
 
     Args:
         input: ``[N, C, H, W]`` or ``[C, H, W]``, any strides.
@@ -556,7 +581,8 @@ def multitask_loss(
 
     ``weights`` ``[T]`` defaults to ones, ``relation`` ``[T, T]`` to zero. Differentiable in
     the logits, ``weights`` and ``relation``, for gradients flowing into ``total``,
-    ``per_task`` or both. The gradient with respect to each task's logits is computed in the
+    ``per_task`` or both, once (differentiating a gradient computed with ``create_graph=True``
+    raises: no double backward). The gradient with respect to each task's logits is computed in the
     forward pass, in the same pass as its loss; backward only scales it by
     ``d total / d per_task[i] = weights[i] + sum_j (relation[i, j] + relation[j, i]) per_task[j]``
     (on the CPU not even that when every label of the task is present, the gradient flows into
