@@ -352,6 +352,36 @@ def test_double_backward_raises(device, activation):
     assert_double_backward_raises(out.sum(), [x, w, b], "conv2d_act")
 
 
+def test_forward_mode_ad_raises(device):
+    """A tangent is never silently dropped: forward-mode AD has no formula here, and any
+    argument that carries one raises NotImplementedError naming it."""
+    import torch.autograd.forward_ad as fwad
+
+    x, w, b = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 3), torch.randn(4)
+    x, w, b = x.to(device), w.to(device), b.to(device)
+    with fwad.dual_level():
+        for name in ["input", "weight", "bias"]:
+            args = {"input": x, "weight": w, "bias": b}
+            args[name] = fwad.make_dual(args[name], torch.ones_like(args[name]))
+            match = f"forward-mode AD is not supported: {name} is a dual tensor"
+            with pytest.raises(NotImplementedError, match="mtlcore.conv2d_act: " + match):
+                ops.conv2d_act(**args)
+            with pytest.raises(NotImplementedError, match="with_preact: " + match):
+                torch.ops.mtlcore.conv2d_act_with_preact(
+                    args["input"],
+                    args["weight"],
+                    args["bias"],
+                    [1, 1],
+                    [0, 0],
+                    [1, 1],
+                    1,
+                    "gelu",
+                    0.0,
+                )
+    with pytest.raises(NotImplementedError, match="input is a dual tensor"):
+        torch.func.jvp(lambda x: ops.conv2d_act(x, w), (x,), (torch.ones_like(x),))
+
+
 def test_negative_leaky_slope_saves_the_preactivation(device):
     """With a negative slope the output no longer tells the sign of z; the op keeps z."""
     gen = torch.Generator().manual_seed(4)

@@ -165,6 +165,13 @@ def test_double_backward_raises(device):
     assert_double_backward_raises(ops.max_pool2d(x * 2, 2).sum(), [x], "max_pool2d")
 
 
+def test_forward_mode_ad_raises(device):
+    """No forward-mode formula: a dual input raises instead of losing its tangent."""
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with pytest.raises(NotImplementedError, match="max_pool2d: forward-mode AD is not supported"):
+        torch.func.jvp(lambda x: ops.max_pool2d(x, 2), (x,), (torch.ones_like(x),))
+
+
 def test_empty_batch_and_channels(device):
     for shape in [(0, 3, 8, 8), (2, 0, 8, 8)]:
         x = torch.randn(shape, device=device, requires_grad=True)

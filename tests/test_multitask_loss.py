@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -409,6 +410,37 @@ def test_double_backward_raises(device, into):
     assert_double_backward_raises(
         out, [x_ce, x_mse, w, r] if into == "total" else [x_ce, x_mse], "multitask_loss"
     )
+
+
+def test_forward_mode_ad_raises(device):
+    """No forward-mode formula: any argument with a tangent raises, naming it."""
+    import torch.autograd.forward_ad as fwad
+
+    args = {
+        "logits": [torch.randn(4, 3, device=device), torch.randn(4, 2, device=device)],
+        "targets": [torch.tensor([0, 1, 2, 0], device=device), torch.randn(4, 2, device=device)],
+        "weights": torch.rand(2, device=device),
+        "relation": torch.rand(2, 2, device=device),
+    }
+    with fwad.dual_level():
+        for name, index in [("logits", 1), ("targets", 1), ("weights", None), ("relation", None)]:
+            call = {k: list(v) if isinstance(v, list) else v for k, v in args.items()}
+            if index is None:
+                call[name] = fwad.make_dual(call[name], torch.ones_like(call[name]))
+                label = name
+            else:
+                call[name][index] = fwad.make_dual(
+                    call[name][index], torch.ones_like(call[name][index])
+                )
+                label = re.escape(f"{name}[{index}]")
+            with pytest.raises(NotImplementedError, match=f"{label} is a dual tensor"):
+                ops.multitask_loss(
+                    call["logits"],
+                    call["targets"],
+                    ["ce", "mse"],
+                    call["weights"],
+                    call["relation"],
+                )
 
 
 def test_gradcheck_float64(device):

@@ -40,6 +40,22 @@ inline void check_dense_grad(const char* op, const at::Tensor& grad) {
               grad.layout(), "; only dense (strided) tensors are supported");
 }
 
+// Forward-mode AD (dual tensors, torch.func.jvp, jacfwd) has no formula for our ops: an
+// argument that carries a tangent raises NotImplementedError naming it, as PyTorch's own ops
+// without a forward derivative do, instead of its tangent being dropped from the result.
+// arg: the argument's name, in parts (e.g. "logits[", i, "]"), joined only when it raises.
+template <typename... Arg>
+void check_no_tangent(const char* op, const at::Tensor& t, const Arg&... arg) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!torch::autograd::isFwGradDefined(t), op,
+                              ": forward-mode AD is not supported: ", arg...,
+                              " is a dual tensor (it has a tangent)");
+}
+
+template <typename... Arg>
+void check_no_tangent(const char* op, const std::optional<at::Tensor>& t, const Arg&... arg) {
+  if (t.has_value()) check_no_tangent(op, *t, arg...);
+}
+
 // Our backward kernels have no derivative of their own. With create_graph=True (grad mode on
 // while a node runs), the gradients a node returns become part of a graph, and without this
 // they would be constants in it: a second derivative through them would silently come out as

@@ -12,8 +12,9 @@
 // Without grad mode, or with no input that requires grad, the call goes straight to the
 // forward kernel and nothing is kept. Double backward is not supported (the backward op has no
 // derivative): a gradient computed with create_graph=True raises when it is differentiated
-// (forbid_double_backward). Compiled autograd falls back to eager for this node.
-// conv2d_act_with_preact, when called directly, has its autograd in Python (python/mtlcore/ops.py).
+// (forbid_double_backward); so does forward-mode AD (check_no_tangent). Compiled autograd falls
+// back to eager for this node. conv2d_act_with_preact, when called directly, gets the same
+// node on its output (its pre-activation is not differentiable).
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -89,24 +90,57 @@ struct Conv2dActBackward : public Node {
   }
 };
 
+// Whether the call needs a graph node: grad mode, and an argument that requires grad. First,
+// no argument may carry a forward-mode tangent.
+bool wants_grad(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias) {
+  check_no_tangent(op, input, "input");
+  check_no_tangent(op, weight, "weight");
+  check_no_tangent(op, bias, "bias");
+  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
+  return torch::autograd::GradMode::is_enabled() &&
+         (input.requires_grad() || weight.requires_grad() || bias_grad);
+}
+
+// Whether the backward needs the pre-activation (an unknown activation is left to the forward
+// kernel's argument check).
+bool keeps_preact(c10::string_view activation, double negative_slope) {
+  Activation act = Activation::kIdentity;
+  return parse_activation(std::string_view(activation.data(), activation.size()), &act) &&
+         needs_preactivation(act, negative_slope);
+}
+
+// Makes output's graph node, which keeps input, weight and saved (the output or the
+// pre-activation).
+void record_node(const at::Tensor& output, const at::Tensor& saved, const at::Tensor& input,
+                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                 int64_t groups, c10::string_view activation, double negative_slope) {
+  auto node = make_node<Conv2dActBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
+  node->input = SavedVariable(input, false);
+  node->weight = SavedVariable(weight, false);
+  node->stride = stride.vec();
+  node->padding = padding.vec();
+  node->dilation = dilation.vec();
+  node->groups = groups;
+  node->activation = std::string(activation.data(), activation.size());
+  node->negative_slope = negative_slope;
+  node->saved = SavedVariable(saved, false);
+  torch::autograd::set_history(output, node);
+}
+
 at::Tensor conv2d_act_autograd(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                c10::string_view activation, double negative_slope) {
-  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
-  const bool wants_grad = torch::autograd::GradMode::is_enabled() &&
-                          (input.requires_grad() || weight.requires_grad() || bias_grad);
   static const auto forward = find_op<ForwardSig>("mtlcore::conv2d_act");
-  if (!wants_grad) {
+  if (!wants_grad("mtlcore.conv2d_act", input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return forward.call(input, weight, bias, stride, padding, dilation, groups, activation,
                         negative_slope);
   }
-  // An unknown name is left to the forward kernel's argument check.
-  Activation act = Activation::kIdentity;
-  const bool keep_preact =
-      parse_activation(std::string_view(activation.data(), activation.size()), &act) &&
-      needs_preactivation(act, negative_slope);
+  const bool keep_preact = keeps_preact(activation, negative_slope);
   at::Tensor output, preact;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -119,25 +153,39 @@ at::Tensor conv2d_act_autograd(const at::Tensor& input, const at::Tensor& weight
                             negative_slope);
     }
   }
-  auto node = make_node<Conv2dActBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
-  node->input = SavedVariable(input, false);
-  node->weight = SavedVariable(weight, false);
-  node->stride = stride.vec();
-  node->padding = padding.vec();
-  node->dilation = dilation.vec();
-  node->groups = groups;
-  node->activation = std::string(activation.data(), activation.size());
-  node->negative_slope = negative_slope;
   // The output is saved detached (it shares the version counter, so an in-place change of it
   // is still caught): saved as itself it would hold its own grad_fn, this node.
-  node->saved = SavedVariable(keep_preact ? preact : output.detach(), false);
-  torch::autograd::set_history(output, node);
+  record_node(output, keep_preact ? preact : output.detach(), input, weight, bias, stride, padding,
+              dilation, groups, activation, negative_slope);
   return output;
+}
+
+// conv2d_act_with_preact called directly: the same node on its output; the pre-activation is
+// not differentiable.
+std::tuple<at::Tensor, at::Tensor> conv2d_act_with_preact_autograd(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, double negative_slope) {
+  static const auto with_preact = find_op<WithPreactSig>("mtlcore::conv2d_act_with_preact");
+  const bool grad = wants_grad("mtlcore.conv2d_act_with_preact", input, weight, bias);
+  at::Tensor output, preact;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(output, preact) = with_preact.call(input, weight, bias, stride, padding, dilation,
+                                                groups, activation, negative_slope);
+  }
+  if (grad) {
+    record_node(output, keeps_preact(activation, negative_slope) ? preact : output.detach(), input,
+                weight, bias, stride, padding, dilation, groups, activation, negative_slope);
+  }
+  return {output, preact};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtlcore, Autograd, m) { m.impl("conv2d_act", &conv2d_act_autograd); }
+TORCH_LIBRARY_IMPL(mtlcore, Autograd, m) {
+  m.impl("conv2d_act", &conv2d_act_autograd);
+  m.impl("conv2d_act_with_preact", &conv2d_act_with_preact_autograd);
+}
 
 }  // namespace mtlcore

@@ -60,6 +60,7 @@ struct MaxPool2dBackward : public Node {
 at::Tensor max_pool2d_autograd(const at::Tensor& input, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, bool ceil_mode) {
+  check_no_tangent("mtlcore.max_pool2d", input, "input");
   static const auto forward = find_op<ForwardSig>("mtlcore::max_pool2d");
   at::Tensor output;
   {

@@ -147,6 +147,14 @@ std::tuple<at::Tensor, at::Tensor> multitask_loss_autograd(
     at::TensorList logits, at::TensorList targets, const std::vector<std::string>& kinds,
     const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& relation,
     int64_t ignore_index, double label_smoothing) {
+  for (size_t i = 0; i < logits.size(); ++i) {
+    check_no_tangent("mtlcore.multitask_loss", logits[i], "logits[", i, "]");
+  }
+  for (size_t i = 0; i < targets.size(); ++i) {
+    check_no_tangent("mtlcore.multitask_loss", targets[i], "targets[", i, "]");
+  }
+  check_no_tangent("mtlcore.multitask_loss", weights, "weights");
+  check_no_tangent("mtlcore.multitask_loss", relation, "relation");
   bool wants_grad = requires_grad(weights) || requires_grad(relation);
   for (const auto& x : logits) wants_grad = wants_grad || (x.defined() && x.requires_grad());
   wants_grad = wants_grad && torch::autograd::GradMode::is_enabled();

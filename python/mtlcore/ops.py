@@ -2,8 +2,10 @@
 
 Each op lives in ``torch.ops.mtlcore``; the functions here accept Python conveniences
 (sequences, Python numbers or one-element tensors for hyperparameters), document the
-contract, and next to each one sit its fake kernel (so ``torch.compile(fullgraph=True)`` traces
-it) and, for differentiable ops, its autograd registration.
+contract, and next to each one sits its fake kernel (so ``torch.compile(fullgraph=True)`` traces
+it). The differentiable ops' autograd is in C++ (csrc/common/*_autograd.cpp: graph nodes
+registered for the Autograd key, without the tens of microseconds a Python registration costs
+per call).
 """
 
 from __future__ import annotations
@@ -234,15 +236,6 @@ def check_activation(activation: str) -> None:
         )
 
 
-def needs_preactivation(activation: str, negative_slope: float) -> bool:
-    """Whether the backward of ``activation`` needs the pre-activation rather than the output
-    (the derivatives of identity, relu, leaky_relu with a slope >= 0, sigmoid and tanh are
-    functions of the output)."""
-    return activation in ("gelu", "gelu_tanh", "silu") or (
-        activation == "leaky_relu" and negative_slope < 0
-    )
-
-
 def conv_padding(
     padding: int | Sequence[int] | str,
     kernel_size: Sequence[int],
@@ -379,71 +372,6 @@ def _conv2d_act_backward_fake(
         grad_weight if mask[1] else empty,
         grad_bias if mask[2] else empty,
     )
-
-
-def _conv2d_act_setup(ctx, inputs, output) -> None:
-    # conv2d_act_with_preact called directly (conv2d_act's autograd is in C++).
-    input, weight, bias, stride, padding, dilation, groups, activation, slope = inputs
-    out, preact = output
-    ctx.mark_non_differentiable(preact)
-    ctx.conv = (stride, padding, dilation, groups, activation, slope)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(input, weight, preact if needs_preactivation(activation, slope) else out)
-
-
-def _conv2d_act_backward(ctx, grad_output, *unused):
-    input, weight, saved = ctx.saved_tensors
-    stride, padding, dilation, groups, activation, slope = ctx.conv
-    mask = [
-        ctx.needs_input_grad[0],
-        ctx.needs_input_grad[1],
-        ctx.has_bias and ctx.needs_input_grad[2],
-    ]
-    try:
-        grads = torch.ops.mtlcore.conv2d_act_backward(
-            grad_output,
-            input,
-            weight,
-            saved,
-            stride,
-            padding,
-            dilation,
-            groups,
-            activation,
-            slope,
-            mask,
-        )
-    except NotImplementedError as e:  # e.g. a sparse gradient passed to backward()
-        raise_for_layout("conv2d_act (backward)", e, grad_output=grad_output)
-        raise
-    grads = tuple(g if m else None for g, m in zip(grads, mask, strict=True))
-    return _forbid_double_backward("conv2d_act", grads, (grad_output, input, weight)) + (None,) * 6
-
-
-def _forbid_double_backward(
-    op: str, grads: tuple[Tensor | None, ...], depends_on: Sequence[Tensor]
-) -> tuple[Tensor | None, ...]:
-    """The gradients of a backward kernel that has no derivative of its own, made to raise when
-    they are differentiated (computed with create_graph=True) instead of silently counting as
-    constants: the Python counterpart of forbid_double_backward in csrc/common/autograd_node.h.
-    torch's DelayedError node (as in torch.autograd.function.once_differentiable) passes them
-    through with an Error node for grad_fn whose edges lead to ``depends_on``."""
-    needed = [t for t in depends_on if t.requires_grad]
-    if not torch.is_grad_enabled() or not needed:
-        return grads
-    present = [g for g in grads if g is not None]
-    message = (
-        f"mtlcore.{op}: double backward is not supported: this gradient was computed with "
-        "create_graph=True by a backward kernel that has no derivative of its own"
-    )
-    error = torch._C._functions.DelayedError(message.encode(), len(present) + len(needed))
-    wrapped = iter(error(*present, *needed)[: len(present)])
-    return tuple(next(wrapped) if g is not None else None for g in grads)
-
-
-torch.library.register_autograd(
-    "mtlcore::conv2d_act_with_preact", _conv2d_act_backward, setup_context=_conv2d_act_setup
-)
 
 
 # --------------------------------------------------------------------------------------------
