@@ -46,6 +46,15 @@ def f32(*shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, dtype=dtype, device=device)
 
 
+def with_tangent(call: Callable[[Callable[[torch.Tensor], torch.Tensor]], object]) -> None:
+    """Runs call(dual) inside a forward-mode AD level; dual(t) makes t a dual tensor (with a
+    tangent): our ops have no forward-mode formula and must refuse it, naming the argument."""
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        call(lambda t: fwad.make_dual(t, torch.ones_like(t)))
+
+
 # --------------------------------------------------------------------------------------------
 # conv2d_act (the op, its raw schemas and the Conv2dAct module)
 # --------------------------------------------------------------------------------------------
@@ -115,6 +124,20 @@ def _():
     x = f32(2, 4, 6, 6).requires_grad_()
     y = conv(input=x)
     y.backward(torch.ones_like(y).to_sparse())
+
+
+@case("conv2d_act: weight with a forward-mode tangent", "weight")
+def _():
+    with_tangent(lambda dual: conv(weight=dual(f32(8, 4, 3, 3))))
+
+
+@case("conv2d_act_with_preact (raw schema): input with a forward-mode tangent", "input")
+def _():
+    with_tangent(
+        lambda dual: torch.ops.mtlcore.conv2d_act_with_preact(
+            dual(f32(2, 4, 6, 6)), f32(8, 4, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, "gelu", 0.0
+        )
+    )
 
 
 @case("conv2d_act: weight on another device", "weight", cuda=True)
@@ -244,6 +267,11 @@ for _name, (_expect, _fn) in POOL.items():
 def _():
     y = pool(input=f32(2, 3, 8, 8).requires_grad_())
     y.backward(torch.ones_like(y).to_sparse())
+
+
+@case("max_pool2d: input with a forward-mode tangent", "input")
+def _():
+    with_tangent(lambda dual: pool(input=dual(f32(2, 3, 8, 8))))
 
 
 @case("max_pool2d (raw schema): padding three values", "padding")
@@ -386,6 +414,16 @@ LOSS = {
 }
 for _name, (_expect, _fn) in LOSS.items():
     case(f"multitask_loss: {_name}", _expect)(_fn)
+
+
+@case("multitask_loss: logits with a forward-mode tangent", "logits[1]")
+def _():
+    with_tangent(lambda dual: loss(logits=[f32(4, 3), dual(f32(4, 2)), f32(4, 1)]))
+
+
+@case("multitask_loss: relation with a forward-mode tangent", "relation")
+def _():
+    with_tangent(lambda dual: loss(relation=dual(torch.rand(3, 3))))
 
 
 @case("multitask_loss: targets on another device", "targets[0]", cuda=True)
