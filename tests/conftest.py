@@ -73,6 +73,14 @@ def assert_double_backward_raises(out: torch.Tensor, inputs: list[torch.Tensor],
         sum((g * g).sum() for g in grads).backward()
 
 
+def assert_nested_func_grad_raises(fn, x: torch.Tensor, op: str) -> None:
+    """A second derivative through torch.func's nested transforms (grad of grad) raises too:
+    the outer level sees our backward op (below the inner level's graph node), whose Autograd
+    kernel refuses to be differentiated instead of PyTorch's default warning and zero."""
+    with pytest.raises(RuntimeError, match=f"derivative for mtlcore::{op}.* is not implemented"):
+        torch.func.grad(lambda x: (torch.func.grad(fn)(x) ** 2).sum())(x)
+
+
 # Hypothesis profiles for tests/test_fuzz.py: "ci" (the default) replays a fixed seed with a
 # bounded number of examples so `make test` stays quick and reproducible; "long" (`make fuzz`)
 # draws fresh random cases, many more of them.

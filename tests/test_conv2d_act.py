@@ -13,7 +13,12 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, CompiledOnce, assert_double_backward_raises
+from conftest import (
+    CUDA,
+    CompiledOnce,
+    assert_double_backward_raises,
+    assert_nested_func_grad_raises,
+)
 from torch import nn
 
 from mtlcore import nn as mnn
@@ -350,6 +355,9 @@ def test_double_backward_raises(device, activation):
         x * 1.5, w, b, [1, 1], [1, 1], [1, 1], 1, activation, 0.0
     )
     assert_double_backward_raises(out.sum(), [x, w, b], "conv2d_act")
+    assert_nested_func_grad_raises(
+        lambda w: ops.conv2d_act(x, w, b, activation=activation).sum(), w.detach(), "conv2d_act"
+    )
 
 
 def test_forward_mode_ad_raises(device):

@@ -12,7 +12,12 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, CompiledOnce, assert_double_backward_raises
+from conftest import (
+    CUDA,
+    CompiledOnce,
+    assert_double_backward_raises,
+    assert_nested_func_grad_raises,
+)
 from torch import nn
 
 from mtlcore import nn as mnn
@@ -163,6 +168,7 @@ def test_gradcheck_float64(device):
 def test_double_backward_raises(device):
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
     assert_double_backward_raises(ops.max_pool2d(x * 2, 2).sum(), [x], "max_pool2d")
+    assert_nested_func_grad_raises(lambda x: ops.max_pool2d(x, 2).sum(), x.detach(), "max_pool2d")
 
 
 def test_forward_mode_ad_raises(device):

@@ -19,6 +19,7 @@ from conftest import (
     CompiledOnce,
     assert_device_side_assertion,
     assert_double_backward_raises,
+    assert_nested_func_grad_raises,
 )
 
 from mtlcore import ops, reference
@@ -409,6 +410,9 @@ def test_double_backward_raises(device, into):
     out = total if into == "total" else (per_task * torch.arange(1.0, 3.0, device=device)).sum()
     assert_double_backward_raises(
         out, [x_ce, x_mse, w, r] if into == "total" else [x_ce, x_mse], "multitask_loss"
+    )
+    assert_nested_func_grad_raises(
+        lambda x: ops.multitask_loss([x], [y_ce], ["ce"])[0], x_ce.detach(), "multitask_loss"
     )
 
 

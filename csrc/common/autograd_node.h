@@ -5,6 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -77,11 +78,22 @@ inline void forbid_double_backward(const char* op, const torch::autograd::Node& 
           ": double backward is not supported: this gradient was computed with "
           "create_graph=True by a backward kernel that has no derivative of its own",
       std::move(edges));
+  // The gradients are new tensors, or buffers the node has released (multitask_loss's in-place
+  // scaling): setting their history touches nothing else. (No shallow copy: functorch's
+  // batched tensors, under jacrev, have no data to copy.)
   for (auto& g : grads) {
-    if (!g.defined()) continue;
-    g = g.tensor_data();  // a new tensor (same memory): a returned buffer may also be saved
-    torch::autograd::set_history(g, error);
+    if (g.defined()) torch::autograd::set_history(g, error);
   }
+}
+
+// The Autograd kernel of an op without a derivative (our backward ops, the forward-with-
+// gradients op): its outputs get a node that raises "derivative for <op> is not implemented"
+// when a gradient reaches it, wherever the op is called with grad mode on and an input that
+// requires grad (torch.func's nested transforms, whose outer levels see the call even below
+// our nodes' AutoDispatchBelowADInplaceOrView guard, or a direct call). Without it PyTorch's
+// default fallback only warns, and the second derivative comes out as zero.
+inline torch::CppFunction not_differentiable() {
+  return torch::autograd::autogradNotImplementedFallback();
 }
 
 }  // namespace mtlcore

@@ -186,6 +186,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_act_with_preact_autograd(
 TORCH_LIBRARY_IMPL(mtlcore, Autograd, m) {
   m.impl("conv2d_act", &conv2d_act_autograd);
   m.impl("conv2d_act_with_preact", &conv2d_act_with_preact_autograd);
+  // Not differentiable (see not_differentiable in common/autograd_node.h).
+  m.impl("conv2d_act_backward", not_differentiable());
 }
 
 }  // namespace mtlcore

@@ -82,6 +82,9 @@ at::Tensor max_pool2d_autograd(const at::Tensor& input, at::IntArrayRef kernel_s
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtlcore, Autograd, m) { m.impl("max_pool2d", &max_pool2d_autograd); }
+TORCH_LIBRARY_IMPL(mtlcore, Autograd, m) {
+  m.impl("max_pool2d", &max_pool2d_autograd);
+  m.impl("max_pool2d_backward", not_differentiable());  // common/autograd_node.h
+}
 
 }  // namespace mtlcore

@@ -189,6 +189,12 @@ std::tuple<at::Tensor, at::Tensor> multitask_loss_autograd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mtlcore, Autograd, m) { m.impl("multitask_loss", &multitask_loss_autograd); }
+TORCH_LIBRARY_IMPL(mtlcore, Autograd, m) {
+  m.impl("multitask_loss", &multitask_loss_autograd);
+  // Not differentiable (see not_differentiable in common/autograd_node.h).
+  m.impl("multitask_loss_with_grad", not_differentiable());
+  m.impl("multitask_loss_backward", not_differentiable());
+  m.impl("multitask_loss_backward_", not_differentiable());
+}
 
 }  // namespace mtlcore
