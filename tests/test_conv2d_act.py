@@ -360,6 +360,25 @@ def test_double_backward_raises(device, activation):
     )
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_torch_func_grad_and_jacrev(device):
+    """torch.func's reverse-mode transforms run through the graph node (jacrev: under vmap,
+    the backward op through PyTorch's batching fallback)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64).to(device)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64).to(device)
+
+    def ours(w):
+        return ops.conv2d_act(x, w, activation="tanh")
+
+    def theirs(w):
+        return torch.tanh(F.conv2d(x, w))
+
+    assert_close(torch.func.jacrev(ours)(w), torch.func.jacrev(theirs)(w), rtol=1e-12)
+    grad = torch.func.grad(lambda w: ours(w).sum())(w)
+    assert_close(grad, torch.func.grad(lambda w: theirs(w).sum())(w), rtol=1e-12)
+
+
 def test_forward_mode_ad_raises(device):
     """A tangent is never silently dropped: forward-mode AD has no formula here, and any
     argument that carries one raises NotImplementedError naming it."""

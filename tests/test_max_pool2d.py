@@ -171,6 +171,15 @@ def test_double_backward_raises(device):
     assert_nested_func_grad_raises(lambda x: ops.max_pool2d(x, 2).sum(), x.detach(), "max_pool2d")
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_torch_func_grad_and_jacrev(device):
+    x = torch.randperm(2 * 3 * 6 * 6).reshape(2, 3, 6, 6).double().to(device)
+    jac = torch.func.jacrev(lambda x: ops.max_pool2d(x, 2))(x)
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda x: F.max_pool2d(x, 2))(x))
+    grad = torch.func.grad(lambda x: ops.max_pool2d(x, 3, 2, 1).sum())(x)
+    torch.testing.assert_close(grad, torch.func.grad(lambda x: F.max_pool2d(x, 3, 2, 1).sum())(x))
+
+
 def test_forward_mode_ad_raises(device):
     """No forward-mode formula: a dual input raises instead of losing its tangent."""
     x = torch.randn(2, 3, 8, 8, device=device)
