@@ -252,14 +252,17 @@ struct ImageWindow {
   const T* row(int64_t d) const { return base + offsets[d]; }
 };
 
-// Accumulates one kMr x kNr tile over a depth block: A block (kc x kMr, packed) times B panel
-// (kc x kNr); then applies the epilogue e from the registers to the tile's first `rows` rows
-// and `cols` pixels: partial sums of earlier depth blocks added, and after the last block
-// bias, preact and activation (masked loads/stores when cols < kNr).
-template <typename T, Activation A, int MR, typename B>
+// Accumulates one kMr x (NV vectors) tile over a depth block: A block (kc x kMr, packed) times
+// B panel (kc x NV * kLanes); then applies the epilogue e from the registers to the tile's
+// first `rows` rows and `cols` pixels: partial sums of earlier depth blocks added, and after
+// the last block bias, preact and activation (masked loads/stores when cols < NV * kLanes).
+// NV = 2 (kNr pixels) everywhere but at the end of an image row of direct_gemm, where a
+// one-vector tile covers a short remainder at half the cost.
+template <typename T, Activation A, int MR, int NV, typename B>
 [[gnu::always_inline]] inline void micro_kernel(int64_t kc, const T* __restrict a, const B b,
                                                 const Epilogue<T>& e, int64_t i0, int64_t rows,
                                                 int64_t p, int64_t cols, bool first, bool last) {
+  static_assert(NV == 1 || NV == 2);
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
@@ -269,18 +272,23 @@ template <typename T, Activation A, int MR, typename B>
   for (int64_t d = 0; d < kc; ++d) {
     const T* bd = b.row(d);
     const V b0 = S::load(bd);
-    const V b1 = S::load(bd + L);
+    if constexpr (NV == 2) {
+      const V b1 = S::load(bd + L);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const V ai = S::broadcast(a[i]);
-      acc0[i] = S::fma(ai, b0, acc0[i]);
-      acc1[i] = S::fma(ai, b1, acc1[i]);
+      for (int i = 0; i < MR; ++i) {
+        const V ai = S::broadcast(a[i]);
+        acc0[i] = S::fma(ai, b0, acc0[i]);
+        acc1[i] = S::fma(ai, b1, acc1[i]);
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc0[i] = S::fma(S::broadcast(a[i]), b0, acc0[i]);
     }
     a += kMr;  // blocks are packed kMr rows wide whatever MR
   }
-  const bool full = cols == 2 * L;
+  const bool full = cols == NV * L;
   const int n0 = static_cast<int>(std::min<int64_t>(cols, L));
-  const int n1 = static_cast<int>(std::max<int64_t>(cols - L, 0));
+  const int n1 = NV == 2 ? static_cast<int>(std::max<int64_t>(cols - L, 0)) : 0;
   const auto load = [&](const T* q, int n) { return n == L ? S::load(q) : S::load_first(q, n); };
   const auto store = [&](T* q, V v, int n) {
     if (n == L) {
@@ -297,30 +305,30 @@ template <typename T, Activation A, int MR, typename B>
     V z0 = acc0[i], z1 = acc1[i];
     if (!first) {
       z0 = S::add(z0, full ? S::load(o) : load(o, n0));
-      z1 = S::add(z1, full ? S::load(o + L) : load(o + L, n1));
+      if constexpr (NV == 2) z1 = S::add(z1, full ? S::load(o + L) : load(o + L, n1));
     }
     if (last) {
       if (e.bias != nullptr) {
         const V bias = S::broadcast(e.bias[i0 + i]);
         z0 = S::add(z0, bias);
-        z1 = S::add(z1, bias);
+        if constexpr (NV == 2) z1 = S::add(z1, bias);
       }
       if (e.preact != nullptr) {
         T* pre = e.preact + (i0 + i) * e.ld + p;
         store(pre, z0, n0);
-        store(pre + L, z1, n1);
+        if constexpr (NV == 2) store(pre + L, z1, n1);
       }
       if constexpr (kVectorActivation<A>) {
         z0 = vector_activation<T, A>(z0, slope);
-        z1 = vector_activation<T, A>(z1, slope);
+        if constexpr (NV == 2) z1 = vector_activation<T, A>(z1, slope);
       }
     }
     if (full) {
       S::store(o, z0);
-      S::store(o + L, z1);
+      if constexpr (NV == 2) S::store(o + L, z1);
     } else {
       store(o, z0, n0);
-      store(o + L, z1, n1);
+      if constexpr (NV == 2) store(o + L, z1, n1);
     }
   }
   if constexpr (!kVectorActivation<A>) {
@@ -333,19 +341,17 @@ template <typename T, Activation A, int MR, typename B>
   }
 }
 
-// All row blocks of A (one depth block, packed at a, see pack_a) against one B tile of `cols`
-// pixels starting at output pixel p. A block of 5 rows runs a 5-row kernel; other short
-// blocks (m < 20 and not a multiple of 6) run the 6-row one on zero rows.
-template <typename T, Activation A, typename B>
+// All row blocks of A times one B tile of NV vectors (micro_kernel).
+template <typename T, Activation A, int NV = 2, typename B>
 void tile_rows(const T* a, int64_t kc, int64_t m, const B b, const Epilogue<T>& e, int64_t p,
                int64_t cols, bool first, bool last) {
   const int64_t blocks = (m + kMr - 1) / kMr;
   for (int64_t ib = 0; ib < blocks; ++ib) {
     const int64_t i0 = balanced_start(m, blocks, ib), rows = balanced_start(m, blocks, ib + 1) - i0;
     if (rows == kMr - 1) {
-      micro_kernel<T, A, kMr - 1>(kc, a + ib * kMr * kc, b, e, i0, rows, p, cols, first, last);
+      micro_kernel<T, A, kMr - 1, NV>(kc, a + ib * kMr * kc, b, e, i0, rows, p, cols, first, last);
     } else {
-      micro_kernel<T, A, kMr>(kc, a + ib * kMr * kc, b, e, i0, rows, p, cols, first, last);
+      micro_kernel<T, A, kMr, NV>(kc, a + ib * kMr * kc, b, e, i0, rows, p, cols, first, last);
     }
   }
 }
@@ -374,23 +380,35 @@ void gemm_impl(const GemmJob<T>& job, T* workspace) {
 
 template <typename T, Activation A>
 void direct_gemm_impl(const DirectGemmJob<T>& job) {
-  constexpr int64_t nr = kNr<T>;
+  constexpr int64_t nr = kNr<T>, lanes = nr / 2;
   const int64_t m_pad = round_up(job.m, kMr);
   for (int64_t p = job.p_begin; p < job.p_end;) {
     const int64_t y = p / job.out_w, x = p % job.out_w;
     const int64_t cols = std::min({nr, job.out_w - x, job.p_end - p});
-    // A short tile at the end of a row whose earlier pixels (in this job) are at least a tile
-    // wide starts `back` pixels early instead and runs full width: no masked loads and stores
-    // (slow, and half the tiles of a 30-pixel row). Its first `back` pixels are recomputed
-    // by the same depth-ordered sums, so they get the same values again: the first depth
-    // block overwrites them, the later ones add to their own partial sums.
-    const int64_t back =
-        cols < nr && x >= nr - cols && p - job.p_begin >= nr - cols ? nr - cols : 0;
+    // A tile of at most one vector's pixels (a row's remainder, or a narrow row) is one
+    // vector wide: half the work of a two-vector tile. A short tile at the end of a row whose
+    // earlier pixels (in this job) reach back far enough starts `back` pixels early instead
+    // and runs at its whole width: no masked loads and stores (slow, and half the tiles of a
+    // 30-pixel row). Its first `back` pixels are recomputed by the same depth-ordered sums,
+    // so they get the same values again (tiles run one after the other, each through every
+    // depth block: the first block overwrites the recomputed pixels, the later ones add to
+    // their partial sums). Where nothing reaches back far enough, the tile runs masked.
+    const int64_t before = std::min(x, p - job.p_begin);  // pixels of this row before p
+    const bool half = cols <= lanes;
+    const int64_t width = half ? lanes : nr;
+    const int64_t back = cols < width && before >= width - cols ? width - cols : 0;
     const T* base = job.src + y * job.row_step + x - back;
     for (int64_t d0 = 0; d0 < job.depth; d0 += kKc) {
       const int64_t kc = std::min(kKc, job.depth - d0);
-      tile_rows<T, A>(job.a_packed + d0 * m_pad, kc, job.m, ImageWindow<T>{base, job.offsets + d0},
-                      job.epilogue, p - back, cols + back, d0 == 0, d0 + kc == job.depth);
+      const ImageWindow<T> window{base, job.offsets + d0};
+      const bool first = d0 == 0, last = d0 + kc == job.depth;
+      if (half) {
+        tile_rows<T, A, 1>(job.a_packed + d0 * m_pad, kc, job.m, window, job.epilogue, p - back,
+                           cols + back, first, last);
+      } else {
+        tile_rows<T, A>(job.a_packed + d0 * m_pad, kc, job.m, window, job.epilogue, p - back,
+                        cols + back, first, last);
+      }
     }
     p += cols;
   }
