@@ -124,10 +124,15 @@ bool prefer_channel_tiles(const ConvKernels<T>& k, int64_t m, int64_t depth, int
     return static_cast<double>(n) / static_cast<double>(ceil_div(n, block) * block);
   };
   // (The pixel kernel's balanced row blocks leave fewer rows idle than used(m, k.mr) counts,
-  // but the channel kernel measured faster on the shapes where the count would tip the choice,
-  // e.g. the input gradient of 64 -> 32 channels on 16 x 16 images.)
+  // but the channel kernel measured faster on the shapes where the exact count would tip the
+  // choice.)
   const double d = static_cast<double>(depth);
-  const double pixel = used(out_w, k.nr) * used(m, k.mr) * d / (d + 4.0);
+  // Pixel tiles: whole two-vector tiles of a row, then its remainder in one vector if it fits
+  // (direct_gemm), else in two.
+  const int64_t rest = out_w % k.nr;
+  const int64_t tail = rest == 0 ? 0 : (rest <= k.nr / 2 ? k.nr / 2 : k.nr);
+  const double row_work = static_cast<double>(out_w - rest + tail);
+  const double pixel = static_cast<double>(out_w) / row_work * used(m, k.mr) * d / (d + 4.0);
   const double channel = used(m, k.channel_block) * 0.97 * d / (d + 24.0);
   return channel > 1.05 * pixel;
 }
