@@ -341,7 +341,9 @@ template <typename T, Activation A, int MR, int NV, typename B>
   }
 }
 
-// All row blocks of A times one B tile of NV vectors (micro_kernel).
+// All row blocks of A (one depth block, packed at a, see pack_a) against one B tile of NV
+// vectors, `cols` pixels starting at output pixel p. A block of 5 rows runs a 5-row kernel;
+// other short blocks (m < 20 and not a multiple of 6) run the 6-row one on zero rows.
 template <typename T, Activation A, int NV = 2, typename B>
 void tile_rows(const T* a, int64_t kc, int64_t m, const B b, const Epilogue<T>& e, int64_t p,
                int64_t cols, bool first, bool last) {
